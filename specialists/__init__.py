@@ -1,0 +1,1 @@
+"""labelwright.specialists."""
