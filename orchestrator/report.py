@@ -1,0 +1,129 @@
+"""The run report: counts, LLM use and cost, speed and, with gold labels, accuracy.
+
+Plain functions over the output frame; :func:`summary` renders the readable version printed at the
+end of a run.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def accuracy(pred: Sequence, gold: Sequence) -> float | None:
+    pred, gold = np.asarray(pred, dtype=object), np.asarray(gold, dtype=object)
+    if len(gold) == 0:
+        return None
+    return float(np.mean(pred == gold))
+
+
+def macro_f1(pred: Sequence, gold: Sequence, labels: Sequence[str]) -> float | None:
+    """Macro-F1 over the labels present in gold or prediction; an unresolved row (None) is a miss."""
+    pred, gold = np.asarray(pred, dtype=object), np.asarray(gold, dtype=object)
+    if len(gold) == 0:
+        return None
+    scores = []
+    for lab in labels:
+        tp = np.sum((pred == lab) & (gold == lab))
+        fp = np.sum((pred == lab) & (gold != lab))
+        fn = np.sum((pred != lab) & (gold == lab))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else None
+
+
+def build_report(
+    df: pd.DataFrame,
+    *,
+    labels: Sequence[str],
+    specialists: Sequence[str],
+    rows_in: int,
+    wall_s: float,
+    label_s: float,
+    price_prompt_per_1k: float,
+    price_completion_per_1k: float,
+    timings: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    counts = df["decided_by"].value_counts().to_dict()
+    asked = df["llm_calls"] > 0
+    llm_rows = int(((df["decided_by"] == "controller") | asked).sum())
+    prompt = int(df["prompt_tokens"].sum())
+    completion = int(df["completion_tokens"].sum())
+    cost = (prompt * price_prompt_per_1k + completion * price_completion_per_1k) / 1000
+    # What the same LLM would cost on every row: mean tokens of a row it answered, times all rows.
+    spent = df[asked & ~df["cached"].astype(bool)]
+    if len(spent):
+        per_row = (spent["prompt_tokens"].mean() * price_prompt_per_1k
+                   + spent["completion_tokens"].mean() * price_completion_per_1k) / 1000
+        tokens_per_row = float((spent["prompt_tokens"] + spent["completion_tokens"]).mean())
+    else:
+        per_row, tokens_per_row = 0.0, 0.0
+    report = {
+        "rows_in": int(rows_in),
+        "rows_out": int(len(df)),
+        "decided_by": {k: int(v) for k, v in sorted(counts.items())},
+        "llm_share": llm_rows / max(1, len(df)),
+        "llm": {
+            "calls": int(df["llm_calls"].sum()),
+            "rows": llm_rows,
+            "cache_hits": int(df["cached"].astype(bool).sum()),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost_usd": round(cost, 6),
+        },
+        "all_rows_by_llm_estimate": {
+            "tokens": round(tokens_per_row * rows_in),
+            "cost_usd": round(per_row * rows_in, 6),
+        },
+        "wall_s": round(wall_s, 2),
+        "rows_per_s": round(len(df) / wall_s, 3) if wall_s > 0 else None,
+        "labelling_rows_per_s": round(len(df) / label_s, 3) if label_s > 0 else None,
+        "timings_s": {k: round(v, 2) for k, v in (timings or {}).items()},
+    }
+    if "gold" in df.columns:
+        g = df[df["gold"].notna()]
+        if len(g):
+            gold_block = {
+                "rows": int(len(g)),
+                "accuracy": accuracy(g["label"], g["gold"]),
+                "macro_f1": macro_f1(g["label"], g["gold"], labels),
+                "accuracy_resolved": accuracy(g["label"][g["label"].notna()], g["gold"][g["label"].notna()]),
+                "accuracy_by_decided_by": {
+                    k: {"rows": int(len(part)), "accuracy": accuracy(part["label"], part["gold"])}
+                    for k, part in g.groupby("decided_by")
+                },
+                "specialist_accuracy": {
+                    s: accuracy(g[f"vote_{s}"], g["gold"]) for s in specialists if f"vote_{s}" in g.columns
+                },
+            }
+            report["gold"] = gold_block
+    if extra:
+        report.update(extra)
+    return report
+
+
+def summary(report: dict) -> str:
+    lines = [
+        f"rows: {report['rows_in']} in, {report['rows_out']} out",
+        "decided by: " + ", ".join(f"{k} {v}" for k, v in report["decided_by"].items()),
+        f"LLM share: {report['llm_share']:.1%} of rows "
+        f"({report['llm']['calls']} calls, {report['llm']['prompt_tokens']}+{report['llm']['completion_tokens']} "
+        f"tokens, {report['llm']['cache_hits']} cache hits, ${report['llm']['cost_usd']:.4f})",
+        f"all rows by the LLM (estimate): {report['all_rows_by_llm_estimate']['tokens']} tokens, "
+        f"${report['all_rows_by_llm_estimate']['cost_usd']:.4f}",
+        f"time: {report['wall_s']:.1f} s wall, {report['rows_per_s'] or 0:.2f} rows/s overall, "
+        f"{report['labelling_rows_per_s'] or 0:.2f} rows/s while labelling",
+    ]
+    g = report.get("gold")
+    if g:
+        lines.append(f"gold ({g['rows']} rows): accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}")
+        for k, v in g["accuracy_by_decided_by"].items():
+            acc = "n/a" if v["accuracy"] is None else f"{v['accuracy']:.3f}"
+            lines.append(f"  {k}: {v['rows']} rows, accuracy {acc}")
+        for s, acc in g["specialist_accuracy"].items():
+            lines.append(f"  specialist {s} alone: accuracy {acc:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+import pandas as pd
+import pytest
+
+from labelwright.orchestrator.report import accuracy, build_report, macro_f1, summary
+
+
+def frame():
+    return pd.DataFrame({
+        "label": ["a", "b", "a", None],
+        "gold": ["a", "a", "a", "b"],
+        "decided_by": ["consensus", "controller", "controller", "unresolved"],
+        "vote_s1": ["a", "b", "b", "b"],
+        "llm_calls": [0, 1, 2, 1],
+        "cached": [False, False, True, False],
+        "prompt_tokens": [0, 100, 0, 120],
+        "completion_tokens": [0, 5, 0, 7],
+    })
+
+
+def test_accuracy_and_macro_f1_count_unresolved_as_miss():
+    assert accuracy(["a", None], ["a", "b"]) == 0.5
+    # label a: tp=1 fp=0 fn=0 -> 1.0; label b: tp=0 fp=0 fn=1 -> 0.0
+    assert macro_f1(["a", None], ["a", "b"], ["a", "b"]) == pytest.approx(0.5)
+    assert accuracy([], []) is None
+
+
+def test_report_counts_cost_and_gold():
+    r = build_report(frame(), labels=["a", "b"], specialists=["s1"], rows_in=4, wall_s=2.0, label_s=1.0,
+                     price_prompt_per_1k=1.0, price_completion_per_1k=2.0)
+    assert r["rows_in"] == r["rows_out"] == 4
+    assert r["decided_by"] == {"consensus": 1, "controller": 2, "unresolved": 1}
+    assert r["llm_share"] == 0.75  # three rows went to the LLM
+    assert r["llm"]["calls"] == 4 and r["llm"]["cache_hits"] == 1
+    assert r["llm"]["cost_usd"] == pytest.approx((220 * 1.0 + 12 * 2.0) / 1000)
+    # the two non-cached asked rows average 110 prompt + 6 completion tokens
+    assert r["all_rows_by_llm_estimate"]["tokens"] == 4 * 116
+    g = r["gold"]
+    assert g["accuracy"] == 0.5
+    assert g["accuracy_by_decided_by"]["controller"]["accuracy"] == 0.5
+    assert g["specialist_accuracy"]["s1"] == 0.5  # rows 0 and 3
+    assert "accuracy 0.500" in summary(r)
