@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from labelwright.orchestrator.cost import token_cost
+
 
 def accuracy(pred: Sequence, gold: Sequence) -> float | None:
     pred, gold = np.asarray(pred, dtype=object), np.asarray(gold, dtype=object)
@@ -51,14 +53,14 @@ def build_report(
     counts = df["decided_by"].value_counts().to_dict()
     asked = df["llm_calls"] > 0
     llm_rows = int(((df["decided_by"] == "controller") | asked).sum())
+    prices = {"price_prompt_per_1k": price_prompt_per_1k, "price_completion_per_1k": price_completion_per_1k}
     prompt = int(df["prompt_tokens"].sum())
     completion = int(df["completion_tokens"].sum())
-    cost = (prompt * price_prompt_per_1k + completion * price_completion_per_1k) / 1000
+    cost = token_cost(prompt, completion, **prices)
     # What the same LLM would cost on every row: mean tokens of a row it answered, times all rows.
     spent = df[asked & ~df["cached"].astype(bool)]
     if len(spent):
-        per_row = (spent["prompt_tokens"].mean() * price_prompt_per_1k
-                   + spent["completion_tokens"].mean() * price_completion_per_1k) / 1000
+        per_row = token_cost(spent["prompt_tokens"].mean(), spent["completion_tokens"].mean(), **prices)
         tokens_per_row = float((spent["prompt_tokens"] + spent["completion_tokens"]).mean())
     else:
         per_row, tokens_per_row = 0.0, 0.0

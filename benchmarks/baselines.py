@@ -1,0 +1,164 @@
+"""Baselines on the same rows: the controller alone, each specialist alone, plain majority vote, and
+the full pipeline. Prints a table (accuracy, LLM share, tokens, rows/s) and writes JSON.
+
+    python benchmarks/baselines.py --rows 200                       # all three shared datasets
+    python benchmarks/baselines.py --datasets movie_sentiment --rows 100
+
+Runs on the embedded local LLM unless --base-url is given. Each dataset's test split is sampled by
+taking its first --rows rows (the shared splits are already shuffled). The controller's cache is
+a fresh file per run so no figure is a cache hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from labelwright.orchestrator.report import accuracy, macro_f1
+
+HERE = Path(__file__).resolve().parent
+DATASETS = HERE.parent.parent / "shared" / "datasets"
+
+
+def majority_vote(df: pd.DataFrame, names: list[str]) -> pd.Series:
+    """Plain majority of the specialists' top labels; ties go to the highest summed probability."""
+    out = []
+    for _, r in df.iterrows():
+        votes: dict[str, list[float]] = {}
+        for n in names:
+            if isinstance(r[f"vote_{n}"], str):
+                votes.setdefault(r[f"vote_{n}"], []).append(r[f"prob_{n}"])
+        out.append(max(votes, key=lambda k: (len(votes[k]), sum(votes[k]))) if votes else None)
+    return pd.Series(out, index=df.index)
+
+
+def controller_alone(texts, labels, descriptions, instruction, controller_cfg, seed_dir: Path) -> dict:
+    """Every row to the controller, with the same k-nearest seed demonstrations as the pipeline."""
+    from labelwright.orchestrator.bootstrap import label_choices, verbalise
+    from labelwright.orchestrator.controller import Controller
+    from labelwright.orchestrator.seed import nearest
+    from labelwright.specialists.encoder import Encoder
+
+    seed = pd.read_parquet(seed_dir / "seed.parquet")
+    emb = np.load(seed_dir / "embeddings.npy")
+    ok = seed["label"].notna().to_numpy()
+    seed, emb = seed[ok].reset_index(drop=True), emb[ok]
+    controller = Controller(controller_cfg, labels=labels, descriptions=descriptions, instruction=instruction)
+    enc = Encoder("minilm")
+    q = enc.encode(list(texts))
+    demos = None
+    if controller_cfg.num_demonstrations > 0 and len(seed):
+        idx = nearest(q, emb, controller_cfg.num_demonstrations)
+        demos = [[(seed["text"][j], seed["label"][j]) for j in row[::-1]] for row in idx]
+    choices = None
+    if len(labels) > controller_cfg.max_choices:
+        label_emb = enc.encode([verbalise(lab, descriptions.get(lab)) for lab in labels])
+        choices = label_choices(q, label_emb, labels, controller_cfg.max_choices)
+    t = time.monotonic()
+    answers = controller.label_many(list(texts), demonstrations=demos, choices=choices)
+    wall = time.monotonic() - t
+    return {
+        "pred": [a.label for a in answers],
+        "tokens": sum(a.prompt_tokens + a.completion_tokens for a in answers),
+        "calls": sum(a.calls for a in answers),
+        "wall_s": wall,
+    }
+
+
+def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
+    from labelwright.orchestrator.job import annotate
+    from labelwright.orchestrator.spec import load_task
+
+    test = pd.read_csv(DATASETS / name / "test.csv").head(rows)
+    labels = sorted(pd.read_csv(DATASETS / name / "train.csv")["label"].astype(str).unique())
+    work = out_dir / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sample = work / "sample.csv"
+    test[["text", "label"]].to_csv(sample, index=False)
+    task = {
+        "labels": labels,
+        "gold_column": "label",
+        "instruction": args.instruction.get(name, "Classify the text into exactly one of the labels."),
+        "controller": {"cache_path": str(work / "cache.sqlite")},
+        "voting": {"rule": args.rule},
+    }
+    if args.base_url:
+        task["controller"].update(base_url=args.base_url, model=args.model)
+    if args.seed_size:
+        task["seed"] = {"size": args.seed_size}
+    spec = load_task(None, task)
+    report = annotate(sample, spec=spec, output=work / "labels.parquet", report_path=work / "report.json")
+    df = pd.read_parquet(work / "labels.parquet")
+    gold = df["gold"]
+    names = [s.name for s in spec.specialists]
+    results = []
+    rows_n = len(df)
+
+    ctrl_cfg = spec.controller.model_copy(update={
+        "base_url": report["controller"]["base_url"], "model": report["controller"]["model"], "cache": False})
+    alone = controller_alone(df["text"], labels, spec.descriptions, spec.instruction, ctrl_cfg, work / "labels.run" / "seed")
+    results.append({"dataset": name, "method": "controller alone", "rows": rows_n,
+                    "accuracy": accuracy(alone["pred"], gold), "macro_f1": macro_f1(alone["pred"], gold, labels),
+                    "llm_share": 1.0, "tokens": alone["tokens"], "rows_per_s": rows_n / alone["wall_s"]})
+    for n in names:
+        results.append({"dataset": name, "method": f"specialist {n} alone", "rows": rows_n,
+                        "accuracy": accuracy(df[f"vote_{n}"], gold), "macro_f1": macro_f1(df[f"vote_{n}"], gold, labels),
+                        "llm_share": 0.0, "tokens": 0, "rows_per_s": None})
+    mv = majority_vote(df, names)
+    results.append({"dataset": name, "method": "plain majority vote", "rows": rows_n,
+                    "accuracy": accuracy(mv, gold), "macro_f1": macro_f1(mv, gold, labels),
+                    "llm_share": 0.0, "tokens": 0, "rows_per_s": None})
+    results.append({"dataset": name, "method": f"pipeline ({args.rule})", "rows": rows_n,
+                    "accuracy": report["gold"]["accuracy"], "macro_f1": report["gold"]["macro_f1"],
+                    "llm_share": report["llm_share"],
+                    "tokens": report["llm"]["prompt_tokens"] + report["llm"]["completion_tokens"],
+                    "rows_per_s": report["rows_per_s"], "labelling_rows_per_s": report["labelling_rows_per_s"],
+                    "seed_rows": report["seed"]["rows"], "timings_s": report["timings_s"],
+                    "decided_by": report["decided_by"]})
+    (work / "baselines.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| dataset | method | rows | accuracy | macro-F1 | LLM share | LLM tokens | rows/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rps = "" if r.get("rows_per_s") is None else f"{r['rows_per_s']:.2f}"
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['rows']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{r['llm_share']:.0%} | {r['tokens']} | {rps} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="movie_sentiment,yahoo_topics,banking77")
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--seed-size", type=int, default=None)
+    ap.add_argument("--rule", default="unanimity")
+    ap.add_argument("--base-url", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    args.instruction = {
+        "movie_sentiment": "Classify the sentiment of this movie review sentence.",
+        "yahoo_topics": "Classify the topic of this question and answer from a Q&A site.",
+        "banking77": "Classify the intent of this banking customer's message.",
+    }
+    out_dir = Path(args.out)
+    results = []
+    for name in args.datasets.split(","):
+        results += run_dataset(name, args.rows, out_dir, args)
+        print(table(results), flush=True)
+    (out_dir / "baselines.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

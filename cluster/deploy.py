@@ -1,0 +1,63 @@
+"""Serve wiring for specialists: config + cluster -> one autoscaled Serve application each.
+
+Each specialist is its own application (``<prefix>-<name>``), reachable by handle only
+(``route_prefix=None``). Resources come from the specialist's config and the cluster: a fractional
+GPU where the cluster has GPUs, CPUs otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from labelwright.cluster.runtime import actor_resources
+from labelwright.specialists.base import SpecialistConfig
+from labelwright.specialists.deployment import SpecialistReplica
+
+DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
+
+
+@dataclass(frozen=True)
+class SpecialistEndpoint:
+    name: str
+    app: str
+    deployment: str
+
+    def handle(self):
+        from ray import serve
+
+        return serve.get_deployment_handle(self.deployment, app_name=self.app)
+
+
+def deployment_options(config: SpecialistConfig, *, gpu: bool, checkpoint: str) -> dict:
+    return {
+        "name": f"specialist-{config.name}",
+        "ray_actor_options": actor_resources(num_cpus=config.num_cpus, num_gpus=config.num_gpus, gpu=gpu),
+        "autoscaling_config": dict(config.autoscaling or DEFAULT_AUTOSCALING),
+        "max_ongoing_requests": 4,
+        "user_config": {"checkpoint": checkpoint},
+        "health_check_period_s": 10,
+    }
+
+
+def deploy_specialists(
+    configs: Sequence[SpecialistConfig], checkpoints: dict[str, str], *, app_prefix: str, gpu: bool
+) -> dict[str, SpecialistEndpoint]:
+    """Deploy (or update in place, with a rolling swap) one Serve application per specialist."""
+    from ray import serve
+
+    endpoints = {}
+    for config in configs:
+        opts = deployment_options(config, gpu=gpu, checkpoint=checkpoints[config.name])
+        app = f"{app_prefix}-{config.name}"
+        dep = serve.deployment(SpecialistReplica).options(**opts)
+        serve.run(dep.bind(torch_threads=config.torch_threads), name=app, route_prefix=None)
+        endpoints[config.name] = SpecialistEndpoint(config.name, app, opts["name"])
+    return endpoints
+
+
+def delete_specialists(endpoints: dict[str, SpecialistEndpoint]) -> None:
+    from ray import serve
+
+    for ep in endpoints.values():
+        serve.delete(ep.app)

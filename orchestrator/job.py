@@ -1,0 +1,275 @@
+"""The labelling job: stage -> seed -> train -> deploy -> Ray Data (vote -> controller) -> write.
+
+Every input row is written exactly once. Output is written per input shard into
+``<run_dir>/parts/`` as soon as a shard is complete, so a killed run resumes where it stopped:
+staging, the seed set and trained checkpoints are reused, finished shards are skipped, and the
+controller's cache makes re-asked rows free.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from labelwright.orchestrator.bootstrap import build_seed
+from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
+from labelwright.orchestrator.errors import ConfigError, ControllerError, InputDataError
+from labelwright.orchestrator.report import build_report, summary
+from labelwright.orchestrator.spec import TaskSpec
+from labelwright.orchestrator.stages import ControllerSettings, ControllerStage, VoteSettings, VoteStage
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_run_dir(output: Path) -> Path:
+    return output.with_name(output.stem + ".run")
+
+
+def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None) -> dict:
+    data = spec.model_dump(mode="json", exclude={"runtime", "budget"})
+    data["controller"].pop("concurrency", None)
+    data["controller"].pop("timeout_s", None)
+    return {"input": str(input_path.resolve()), "limit": limit, "task": data}
+
+
+def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "task.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != fingerprint:
+            raise ConfigError(
+                f"run directory {run_dir} belongs to a different task or input; pass --fresh to start over "
+                "there, or --run-dir to use another directory"
+            )
+    else:
+        path.write_text(json.dumps(fingerprint, indent=1))
+
+
+OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
+OUTPUT_BACK = ["controller_answer", "controller_confidence", "prompt_tokens", "completion_tokens", "llm_calls",
+               "cached", "seed", "note"]
+
+
+def _order_columns(df: pd.DataFrame, specialists: list[str], passthrough: list[str]) -> pd.DataFrame:
+    votes = [c for n in specialists for c in (f"vote_{n}", f"prob_{n}", f"version_{n}")]
+    front = OUTPUT_FRONT + votes + OUTPUT_BACK + (["gold"] if "gold" in df.columns else [])
+    rest = [c for c in df.columns if c not in front and c != "skip_reason"]
+    return df[[c for c in front if c in df.columns] + rest]
+
+
+class _Progress:
+    def __init__(self, total: int, done: int, log: Callable[[str], None], every_s: float = 5.0):
+        self.total, self.done, self.log, self.every = total, done, log, every_s
+        self.start = time.monotonic()
+        self.first = done
+        self.last = 0.0
+        self.llm = 0
+
+    def update(self, rows: int, llm_rows: int, force: bool = False) -> None:
+        self.done += rows
+        self.llm += llm_rows
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = f"{left / 60:.1f} min" if left != float("inf") else "?"
+        new = max(1, self.done - self.first)
+        self.log(f"labelled {self.done}/{self.total} rows ({self.done / self.total:.0%}), {rate:.1f} rows/s, "
+                 f"LLM on {self.llm / new:.0%} of new rows, ETA {eta}")
+
+
+def annotate(
+    input_path: str | Path,
+    *,
+    spec: TaskSpec,
+    output: str | Path,
+    run_dir: str | Path | None = None,
+    report_path: str | Path | None = None,
+    output_format: str | None = None,
+    limit: int | None = None,
+    fresh: bool = False,
+    log: Callable[[str], None] = _log,
+) -> dict:
+    """Label every row of ``input_path``; write ``output`` (and ``report_path``); return the report."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from labelwright.cluster import runtime
+    from labelwright.cluster.deploy import deploy_specialists
+    from labelwright.orchestrator.controller import Controller
+    from labelwright.specialists.encoder import Encoder
+    from labelwright.training.stage import train_stage
+
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    input_path, output = Path(input_path), Path(output)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(output)
+    _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit), fresh)
+    log(f"run directory: {run_dir}")
+
+    t = time.monotonic()
+    staged = stage_input(
+        input_path, run_dir=run_dir, text_column=spec.text_column, id_column=spec.id_column,
+        gold_column=spec.gold_column, labels=spec.label_names, shard_rows=spec.runtime.shard_rows, limit=limit,
+    )
+    timings["stage_input"] = time.monotonic() - t
+    log(f"input: {staged.n_rows} rows in {len(staged.shards)} shard(s)")
+
+    info = runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
+    DataContext.get_current().enable_progress_bars = False  # the job prints its own progress
+    gpu = runtime.use_gpu(spec.runtime.use_gpu, info)
+    log(f"ray: {info.nodes} node(s), {info.cpus:g} CPU, {info.gpus:g} GPU")
+
+    controller_cfg = spec.controller
+    t = time.monotonic()
+    if controller_cfg.base_url is None:
+        from labelwright.cluster.embedded_llm import start_embedded_llm
+
+        log(f"controller: starting the embedded LLM ({spec.embedded_llm.model}) on Ray Serve")
+        base_url = start_embedded_llm(spec.embedded_llm)
+        controller_cfg = controller_cfg.model_copy(update={"base_url": base_url, "model": spec.embedded_llm.model})
+    timings["start_controller"] = time.monotonic() - t
+    log(f"controller: {controller_cfg.model} at {controller_cfg.base_url}")
+    controller = Controller(controller_cfg, labels=spec.label_names, descriptions=spec.descriptions,
+                            instruction=spec.instruction)
+    controller.check_endpoint()
+
+    t = time.monotonic()
+    encoder = Encoder("minilm")
+    seed = build_seed(staged, spec=spec, controller=controller, encoder=encoder, run_dir=run_dir, log=log)
+    timings["seed"] = time.monotonic() - t
+    if len(seed) == 0:
+        first = next(iter(seed.answers.values()), {}).get("reason", "no answer")
+        raise ControllerError(
+            f"the controller labelled none of the seed rows (first reason: {first}); check controller.base_url "
+            "and controller.model, or give labelled seed rows with seed.gold_file"
+        )
+    present = sorted(set(seed.labels))
+    log(f"seed: {len(seed)} labelled rows covering {len(present)}/{len(spec.labels)} labels")
+
+    t = time.monotonic()
+    log("training specialists (stage 0)")
+    checkpoints = train_stage(
+        spec.specialists, seed.texts, seed.labels, label_names=spec.label_names, run_dir=run_dir, stage=0,
+        train_workers=spec.runtime.train_workers, use_gpu=gpu, log=log,
+    )
+    timings["train"] = time.monotonic() - t
+
+    t = time.monotonic()
+    app_prefix = f"lw-{abs(hash(str(run_dir.resolve()))) % 10**8}"
+    endpoints = deploy_specialists(spec.specialists, checkpoints, app_prefix=app_prefix, gpu=gpu)
+    timings["deploy"] = time.monotonic() - t
+    log(f"specialists deployed on Serve: {', '.join(endpoints)}")
+
+    parts_dir = run_dir / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    done_shards = {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
+    todo = [s for s in staged.shards if s.index not in done_shards]
+    used_calls, used_tokens = _usage_so_far(parts_dir, done_shards, seed)
+    names = [s.name for s in spec.specialists]
+
+    t = time.monotonic()
+    if todo:
+        if done_shards:
+            log(f"resuming: {len(done_shards)} shard(s) already labelled, {len(todo)} to go")
+        vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
+                            threshold=spec.voting.threshold, weights=spec.voting.weights,
+                            max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
+        n_ctrl = spec.runtime.controller_actors
+        ctrl = ControllerSettings(
+            controller=controller_cfg.model_dump(), labels=spec.label_names, descriptions=spec.descriptions,
+            instruction=spec.instruction, demo_texts=seed.texts, demo_labels=seed.labels,
+            demo_embeddings=seed.embeddings, seed_answers=seed.answers,
+            max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
+            max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
+        )
+        ds = ray.data.read_parquet([str(s.path) for s in todo])
+        ds = ds.map_batches(VoteStage, fn_constructor_args=(vote,), batch_format="pandas",
+                            batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
+                            compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
+        ds = ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
+                            batch_size=spec.runtime.vote_batch_size, num_cpus=0.25,
+                            compute=ActorPoolStrategy(size=n_ctrl))
+        _write_parts(ds, staged, todo, parts_dir, done_rows=sum(s.n_rows for s in staged.shards if s.index in done_shards), log=log)
+    label_s = time.monotonic() - t
+    timings["label"] = label_s
+
+    df = pd.concat([pd.read_parquet(parts_dir / f"part-{s.index:05d}.parquet") for s in staged.shards],
+                   ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
+    if len(df) != staged.n_rows or df["row"].duplicated().any():
+        raise InputDataError(f"internal check failed: {len(df)} output rows for {staged.n_rows} input rows")
+    df = _order_columns(df, names, staged.passthrough)
+    write_frame(df, output, output_format)
+    wall = time.monotonic() - t0
+    report = build_report(
+        df, labels=spec.label_names, specialists=names, rows_in=staged.n_rows, wall_s=wall, label_s=label_s,
+        price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
+        price_completion_per_1k=controller_cfg.price_completion_per_1k, timings=timings,
+        extra={"controller": {"model": controller_cfg.model, "base_url": controller_cfg.base_url},
+               "seed": {"rows": len(seed), "source": seed.source},
+               "specialists": {n: checkpoints[n] for n in names},
+               "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
+               "resumed_shards": len(done_shards)},
+    )
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(json.dumps(report, indent=2))
+    log(summary(report))
+    log(f"output: {output}" + (f", report: {report_path}" if report_path else ""))
+    return report
+
+
+def _share(limit: int | None, used: int, n: int) -> int | None:
+    return None if limit is None else max(0, limit - used) // n
+
+
+def _usage_so_far(parts_dir: Path, done: set[int], seed) -> tuple[int, int]:
+    calls = tokens = 0
+    for idx in done:
+        p = pd.read_parquet(parts_dir / f"part-{idx:05d}.parquet",
+                            columns=["llm_calls", "prompt_tokens", "completion_tokens", "seed"])
+        p = p[~p["seed"]]
+        calls += int(p["llm_calls"].sum())
+        tokens += int((p["prompt_tokens"] + p["completion_tokens"]).sum())
+    for a in seed.answers.values():
+        calls += int(a.get("calls") or 0)
+        tokens += int(a.get("prompt_tokens") or 0) + int(a.get("completion_tokens") or 0)
+    return calls, tokens
+
+
+def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: int, log) -> None:
+    starts = [s.first_row for s in staged.shards]
+    expected = {s.index: s.n_rows for s in todo}
+    buffers: dict[int, list[pd.DataFrame]] = {i: [] for i in expected}
+    have = {i: 0 for i in expected}
+    progress = _Progress(staged.n_rows, done_rows, log)
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        shard_of = [bisect.bisect_right(starts, r) - 1 for r in batch["row"]]
+        batch = batch.assign(_shard=shard_of)
+        for idx, part in batch.groupby("_shard"):
+            buffers[idx].append(part.drop(columns="_shard"))
+            have[idx] += len(part)
+            if have[idx] > expected[idx]:
+                raise InputDataError(f"internal check failed: shard {idx} produced {have[idx]} rows, expected {expected[idx]}")
+            if have[idx] == expected[idx]:
+                out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
+                write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
+        progress.update(len(batch), int((batch["llm_calls"] > 0).sum()))
+    progress.update(0, 0, force=True)
+    missing = [i for i in expected if i in buffers]
+    if missing:
+        raise InputDataError(f"internal check failed: shards {missing} did not complete")

@@ -1,0 +1,196 @@
+"""The task spec: what to label, with what, under which budgets. One config system, pydantic.
+
+Loaded from a YAML or JSON file (``--task``) and/or CLI flags; flags override the file. Validation
+errors name the field and say what to do (see :func:`load_task`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from labelwright.cluster.embedded_llm import EmbeddedLLMConfig
+from labelwright.orchestrator.controller import ControllerConfig
+from labelwright.orchestrator.errors import ConfigError
+from labelwright.orchestrator.voting import RULES
+from labelwright.specialists.base import SpecialistConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelSpec(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None  # a verbalisation shown to the controller
+
+    @field_validator("name")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        if v != v.strip() or not v.strip():
+            raise ValueError(f"label {v!r} has leading/trailing whitespace or is blank; write it trimmed")
+        return v
+
+
+class VotingConfig(_Strict):
+    rule: str = "unanimity"
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # None = the rule's own default
+    weights: dict[str, float] | None = None  # per specialist name; default equal
+
+    @field_validator("rule")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in RULES:
+            raise ValueError(f"unknown voting rule {v!r}; choose one of {sorted(RULES)}")
+        return v
+
+
+class BudgetConfig(_Strict):
+    max_llm_calls: int | None = Field(default=None, ge=0)  # rows past it are unresolved, never guessed
+    max_llm_tokens: int | None = Field(default=None, ge=0)
+
+
+class SeedConfig(_Strict):
+    size: int | None = Field(default=None, ge=1)  # None: 8 per label, clamped to [64, 512]
+    pool_size: int = Field(default=3000, ge=1)  # rows embedded for k-means seed selection
+    gold_file: str | None = None  # labelled seed file (CSV/JSONL/Parquet): used instead of the controller
+    gold_text_column: str = "text"
+    gold_label_column: str = "label"
+
+    def resolved_size(self, n_labels: int) -> int:
+        return self.size if self.size is not None else max(64, min(512, 8 * n_labels))
+
+
+class RuntimeConfig(_Strict):
+    address: str | None = None  # None: start a local Ray cluster; "auto" or ray://... to join one
+    num_cpus: int | None = None  # logical CPUs for a local cluster (None: cores + headroom)
+    vote_actors: int = Field(default=1, ge=1)
+    vote_batch_size: int = Field(default=128, ge=1)
+    controller_actors: int = Field(default=1, ge=1)
+    shard_rows: int = Field(default=1000, ge=1)  # rows per staged input shard (a resume unit)
+    train_workers: int = Field(default=1, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    max_vote_chars: int = Field(default=20000, ge=100)  # specialists see at most this many characters
+
+
+def _default_specialists() -> list[SpecialistConfig]:
+    return [
+        SpecialistConfig(name="tfidf", kind="tfidf_linear"),
+        SpecialistConfig(name="minilm_probe", kind="embedding_linear"),
+        SpecialistConfig(name="minilm_ft", kind="transformer_classifier"),
+    ]
+
+
+class TaskSpec(_Strict):
+    labels: list[LabelSpec]
+    instruction: str = "Classify the text into exactly one of the labels."
+    text_column: str = "text"
+    id_column: str | None = None
+    gold_column: str | None = None
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    voting: VotingConfig = Field(default_factory=VotingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    seed: SeedConfig = Field(default_factory=SeedConfig)
+    specialists: list[SpecialistConfig] = Field(default_factory=_default_specialists)
+    embedded_llm: EmbeddedLLMConfig = Field(default_factory=EmbeddedLLMConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_from_strings(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, dict):  # {name: description}
+            v = [{"name": k, "description": d} for k, d in v.items()]
+        if isinstance(v, list):
+            v = [{"name": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskSpec":
+        names = [lab.name for lab in self.labels]
+        if len(names) < 2:
+            raise ValueError(
+                f"labels has {len(names)} label(s) {names}; a label set needs at least 2 "
+                "(add the alternative, e.g. 'other')"
+            )
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"labels repeats {dupes}; each label must appear once")
+        spec_names = [s.name for s in self.specialists]
+        if not spec_names:
+            raise ValueError("specialists is empty; give at least one (or omit it for the default three)")
+        for n in spec_names:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", n):
+                raise ValueError(f"specialist name {n!r} may only use letters, digits, '_' and '-'")
+        dupes = sorted({n for n in spec_names if spec_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"specialists repeats the name(s) {dupes}; names must be unique")
+        if self.voting.weights:
+            unknown = sorted(set(self.voting.weights) - set(spec_names))
+            if unknown:
+                raise ValueError(f"voting.weights names unknown specialists {unknown}; known: {spec_names}")
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        return [lab.name for lab in self.labels]
+
+    @property
+    def descriptions(self) -> dict[str, str]:
+        return {lab.name: lab.description for lab in self.labels if lab.description}
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {msg}")
+    return f"invalid task spec ({source}):\n" + "\n".join(lines)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_task(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TaskSpec:
+    """Build a :class:`TaskSpec` from a YAML/JSON file and/or a dict of overrides (CLI flags).
+
+    Raises :class:`ConfigError` naming every bad field.
+    """
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"task file {path} does not exist; pass a YAML or JSON file to --task")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except (json.JSONDecodeError, Exception) as exc:  # yaml.YAMLError has no common base we import
+            raise ConfigError(f"task file {path} is not valid {path.suffix or 'YAML'}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"task file {path} must hold a mapping of settings at the top level")
+    if overrides:
+        data = _deep_merge(data, {k: v for k, v in overrides.items() if v is not None})
+        source = f"{source} + command line" if path else source
+    if "labels" not in data:
+        raise ConfigError("no labels given; pass --labels a,b,c or put 'labels:' in the task file")
+    try:
+        return TaskSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None

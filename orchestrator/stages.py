@@ -1,0 +1,195 @@
+"""The two Ray Data stages of a labelling job: voting, then the controller for hard rows.
+
+Both are callables over pandas batches, run in actor pools (``compute=ActorPoolStrategy``). The
+vote stage sends each batch whole to every specialist's Serve deployment (caller-side batching is
+8-10x faster than Serve batching single items here) and applies the voting rule. The controller
+stage asks the LLM only about the hard rows, with k-nearest seed rows as demonstrations, bounded
+concurrency and a call/token budget; every other row passes through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from labelwright.orchestrator.seed import nearest
+from labelwright.orchestrator.voting import get_rule, mean_probs, top_candidates
+
+
+@dataclass(frozen=True)
+class VoteSettings:
+    labels: list[str]
+    endpoints: dict  # name -> SpecialistEndpoint
+    rule: str = "unanimity"
+    threshold: float | None = None
+    weights: dict[str, float] | None = None
+    max_chars: int = 20000
+    candidates_k: int = 12
+
+
+def vote_columns(names: Sequence[str]) -> list[str]:
+    cols = []
+    for n in names:
+        cols += [f"vote_{n}", f"prob_{n}", f"version_{n}"]
+    return cols + ["specialists_label", "vote_confidence", "hard", "candidates"]
+
+
+class VoteStage:
+    def __init__(self, settings: VoteSettings):
+        self.s = settings
+        self.names = list(settings.endpoints)
+        self.handles = {n: ep.handle() for n, ep in settings.endpoints.items()}
+        self.rule = get_rule(settings.rule)
+        self.weights = np.array([(settings.weights or {}).get(n, 1.0) for n in self.names])
+        self.rule_kwargs = {} if settings.threshold is None else {"threshold": settings.threshold}
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.reset_index(drop=True)
+        n = len(batch)
+        active = np.flatnonzero(batch["skip_reason"].isna().to_numpy())
+        texts = [batch.at[i, "text"][: self.s.max_chars] for i in active]
+        out = {c: [None] * n for c in vote_columns(self.names)}
+        out["hard"] = [False] * n
+        if len(active):
+            pending = {name: h.predict.remote(texts) for name, h in self.handles.items()}
+            results = {name: r.result() for name, r in pending.items()}
+            probs = np.stack([results[name]["probs"] for name in self.names])  # (S, A, L)
+            votes = self.rule(probs, weights=self.weights, **self.rule_kwargs)
+            avg = mean_probs(probs, self.weights)
+            cands = top_candidates(avg, self.s.candidates_k)
+            labels = self.s.labels
+            for s_idx, name in enumerate(self.names):
+                top = probs[s_idx].argmax(1)
+                top_p = probs[s_idx][np.arange(len(active)), top]
+                version = results[name]["version"]
+                for j, i in enumerate(active):
+                    out[f"vote_{name}"][i] = labels[top[j]]
+                    out[f"prob_{name}"][i] = float(top_p[j])
+                    out[f"version_{name}"][i] = version
+            for j, i in enumerate(active):
+                out["specialists_label"][i] = labels[votes.leading[j]]
+                out["vote_confidence"][i] = float(votes.confidence[j])
+                out["hard"][i] = bool(votes.hard[j])
+                out["candidates"][i] = [labels[c] for c in cands[j]]
+        for c, values in out.items():
+            batch[c] = values
+        return batch
+
+
+@dataclass
+class ControllerSettings:
+    controller: dict  # ControllerConfig as a dict, base_url resolved
+    labels: list[str]
+    descriptions: dict[str, str]
+    instruction: str
+    demo_texts: list[str]
+    demo_labels: list[str]
+    demo_embeddings: np.ndarray | None
+    encoder_model: str = "minilm"
+    seed_answers: dict = field(default_factory=dict)  # row id -> answer dict for rows labelled while seeding
+    max_calls: int | None = None  # remaining budget for this actor
+    max_tokens: int | None = None
+
+
+RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_answer", "controller_confidence",
+                  "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed"]
+
+
+class ControllerStage:
+    def __init__(self, settings: ControllerSettings):
+        from labelwright.orchestrator.controller import Controller, ControllerConfig
+
+        self.s = settings
+        config = ControllerConfig(**settings.controller)
+        self.config = config
+        self.controller = Controller(config, labels=settings.labels, descriptions=settings.descriptions,
+                                     instruction=settings.instruction)
+        self.encoder = None
+        if config.num_demonstrations > 0 and settings.demo_embeddings is not None and len(settings.demo_texts):
+            from labelwright.specialists.encoder import Encoder
+
+            self.encoder = Encoder(settings.encoder_model)
+        self.calls = 0
+        self.tokens = 0
+
+    def _budget_left(self) -> str | None:
+        if self.s.max_calls is not None and self.calls >= self.s.max_calls:
+            return f"LLM budget exhausted (budget.max_llm_calls={self.s.max_calls})"
+        if self.s.max_tokens is not None and self.tokens >= self.s.max_tokens:
+            return f"LLM budget exhausted (budget.max_llm_tokens={self.s.max_tokens})"
+        return None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.reset_index(drop=True)
+        n = len(batch)
+        res = {c: [None] * n for c in RESULT_COLUMNS}
+        res.update(prompt_tokens=[0] * n, completion_tokens=[0] * n, llm_calls=[0] * n,
+                   cached=[False] * n, seed=[False] * n)
+        ask: list[int] = []
+        for i in range(n):
+            row_id = batch.at[i, "id"]
+            if row_id in self.s.seed_answers:
+                a = self.s.seed_answers[row_id]
+                self._fill(res, i, a)
+                res["seed"][i] = True
+            elif isinstance(batch.at[i, "skip_reason"], str):
+                res["decided_by"][i] = "unresolved"
+                res["reason"][i] = batch.at[i, "skip_reason"]
+            elif not batch.at[i, "hard"]:
+                res["label"][i] = batch.at[i, "specialists_label"]
+                res["decided_by"][i] = "consensus"
+                res["confidence"][i] = batch.at[i, "vote_confidence"]
+            else:
+                ask.append(i)
+        if ask:
+            self._ask(batch, ask, res)
+        for c, values in res.items():
+            batch[c] = values
+        return batch.drop(columns=["hard", "candidates", "vote_confidence"])
+
+    def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
+        # Work in slices so the budget is checked between them (bounded overshoot: one slice).
+        step = max(1, self.config.concurrency * 2)
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            stop = self._budget_left()
+            if stop:
+                for i in part:
+                    res["decided_by"][i] = "unresolved"
+                    res["reason"][i] = stop
+                continue
+            texts = [batch.at[i, "text"] for i in part]
+            demos = self._demonstrations(texts)
+            many = len(self.s.labels) > self.config.max_choices
+            choices = [list(batch.at[i, "candidates"]) for i in part] if many else None
+            answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
+            for i, a in zip(part, answers):
+                a = a.model_dump()
+                self._fill(res, i, a)
+                self.calls += a["calls"]
+                self.tokens += a["prompt_tokens"] + a["completion_tokens"]
+
+    def _demonstrations(self, texts: list[str]) -> list[list[tuple[str, str]]] | None:
+        if self.encoder is None:
+            return None
+        q = self.encoder.encode(texts)
+        idx = nearest(q, self.s.demo_embeddings, self.config.num_demonstrations)
+        # most similar last: closest to the question in the prompt
+        return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
+
+    @staticmethod
+    def _fill(res: dict, i: int, a: dict) -> None:
+        ok = a.get("label") is not None
+        res["label"][i] = a.get("label")
+        res["decided_by"][i] = "controller" if ok else "unresolved"
+        res["reason"][i] = a.get("reason")
+        res["controller_answer"][i] = a.get("raw")
+        res["controller_confidence"][i] = a.get("confidence")
+        res["confidence"][i] = a.get("confidence")
+        res["prompt_tokens"][i] = int(a.get("prompt_tokens") or 0)
+        res["completion_tokens"][i] = int(a.get("completion_tokens") or 0)
+        res["llm_calls"][i] = int(a.get("calls") or 0)
+        res["cached"][i] = bool(a.get("cached"))

@@ -1,0 +1,40 @@
+"""The specialist replica: the logic behind one specialist's Ray Serve deployment.
+
+A plain class (usable and testable without Ray). ``cluster/deploy.py`` wraps it with
+``serve.deployment``. Weights come from ``user_config = {"checkpoint": <dir>}``: redeploying with a
+new checkpoint calls :meth:`reconfigure` on each replica, which is how a new stage's weights are
+swapped in without dropping requests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from labelwright.specialists.registry import load_specialist
+
+
+class SpecialistReplica:
+    def __init__(self, torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self._specialist = None
+        self._checkpoint: str | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        checkpoint = user_config["checkpoint"]
+        if checkpoint != self._checkpoint:
+            self._specialist = load_specialist(checkpoint)
+            self._checkpoint = checkpoint
+
+    def predict(self, texts: list[str]) -> dict:
+        """Probabilities over the task labels for a whole batch of texts (callers batch, not Serve)."""
+        if self._specialist is None:
+            raise RuntimeError("replica has no checkpoint yet: deploy it with user_config={'checkpoint': dir}")
+        probs = self._specialist.predict_proba(list(texts)) if texts else np.zeros((0, len(self._specialist.labels)))
+        return {"probs": np.asarray(probs, dtype=np.float32), "version": self._specialist.version}
+
+    def info(self) -> dict:
+        s = self._specialist
+        return {"name": s.name, "kind": s.kind, "labels": list(s.labels), "version": s.version,
+                "checkpoint": self._checkpoint}

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from labelwright.orchestrator.errors import ConfigError
+from labelwright.orchestrator.spec import load_task
+
+
+def test_labels_from_flag_file_and_mapping(tmp_path):
+    assert load_task(None, {"labels": "pos, neg"}).label_names == ["pos", "neg"]
+    f = tmp_path / "task.yaml"
+    f.write_text("labels:\n  pos: liked it\n  neg: did not\ninstruction: Sentiment.\nvoting: {rule: majority}\n")
+    spec = load_task(f, {"text_column": "body"})
+    assert spec.label_names == ["pos", "neg"]
+    assert spec.descriptions == {"pos": "liked it", "neg": "did not"}
+    assert spec.text_column == "body" and spec.voting.rule == "majority"
+    j = tmp_path / "task.json"
+    j.write_text(json.dumps({"labels": [{"name": "x"}, "y"], "seed": {"size": 10}}))
+    assert load_task(j).seed.resolved_size(2) == 10
+    assert load_task(j, {"seed": {"pool_size": 5}}).seed.size == 10  # nested flags merge, not replace
+
+
+def test_seed_size_default_scales_with_labels():
+    spec = load_task(None, {"labels": "a,b"})
+    assert spec.seed.resolved_size(2) == 64
+    assert spec.seed.resolved_size(20) == 160
+    assert spec.seed.resolved_size(500) == 512
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"labels": "only"}, "at least 2"),
+        ({"labels": "a,a"}, "repeats"),
+        ({"labels": "a,b", "voting": {"rule": "plurality"}}, r"voting.rule: unknown voting rule 'plurality'"),
+        ({"labels": "a,b", "voting": {"threshold": 1.5}}, r"voting.threshold"),
+        ({"labels": "a,b", "colour": "red"}, r"colour: Extra inputs"),
+        ({"labels": "a,b", "specialists": [{"name": "x y", "kind": "tfidf_linear"}]}, "letters, digits"),
+        ({"labels": "a,b", "specialists": [{"name": "x", "kind": "tfidf_linear"}] * 2}, "repeats the name"),
+        ({"labels": "a,b", "specialists": [{"name": "x", "kind": "magic"}]}, r"specialists.0.kind"),
+        ({"labels": "a,b", "voting": {"weights": {"ghost": 2}}}, "unknown specialists"),
+        ({"labels": "a,b", "budget": {"max_llm_calls": -1}}, r"budget.max_llm_calls"),
+        ({"text_column": "t"}, "no labels given"),
+    ],
+)
+def test_bad_settings_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_task(None, data)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_task(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("labels: [a, b\n")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_task(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_task(lst)
