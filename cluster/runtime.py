@@ -38,7 +38,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
         if address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
             cores = os.cpu_count() or 2
-            kwargs["num_cpus"] = num_cpus or max(8, 2 * cores)
+            kwargs["num_cpus"] = num_cpus or max(16, 4 * cores)
             started = True
         else:
             if num_cpus is not None:

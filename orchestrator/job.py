@@ -9,6 +9,7 @@ controller's cache makes re-asked rows free.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import shutil
 import sys
@@ -105,11 +106,10 @@ def annotate(
     log: Callable[[str], None] = _log,
 ) -> dict:
     """Label every row of ``input_path``; write ``output`` (and ``report_path``); return the report."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from labelwright.cluster import runtime
-    from labelwright.cluster.deploy import deploy_specialists
+    from labelwright.cluster.deploy import delete_specialists, deploy_specialists
     from labelwright.orchestrator.controller import Controller
     from labelwright.specialists.encoder import Encoder
     from labelwright.training.stage import train_stage
@@ -170,10 +170,24 @@ def annotate(
     timings["train"] = time.monotonic() - t
 
     t = time.monotonic()
-    app_prefix = f"lw-{abs(hash(str(run_dir.resolve()))) % 10**8}"
+    app_prefix = "lw-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
     endpoints = deploy_specialists(spec.specialists, checkpoints, app_prefix=app_prefix, gpu=gpu)
     timings["deploy"] = time.monotonic() - t
     log(f"specialists deployed on Serve: {', '.join(endpoints)}")
+    try:
+        return _label_and_report(
+            spec, staged, endpoints, seed, controller_cfg, checkpoints,
+            run_dir=run_dir, output=output, output_format=output_format, report_path=report_path,
+            timings=timings, t0=t0, log=log,
+        )
+    finally:
+        delete_specialists(endpoints)  # free their resources; the embedded LLM stays up for the next job
+
+
+def _label_and_report(spec, staged, endpoints, seed, controller_cfg, checkpoints, *, run_dir, output,
+                      output_format, report_path, timings, t0, log) -> dict:
+    import ray
+    from ray.data import ActorPoolStrategy
 
     parts_dir = run_dir / "parts"
     parts_dir.mkdir(exist_ok=True)

@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray cluster for the whole test session (Ray starts in ~12 s here)."""
 
 import os
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,18 @@ def ray_cluster(tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(
-            num_cpus=6,  # logical slots; leaves headroom so Ray Data never waits on Serve replicas
+            num_cpus=16,  # logical slots, as labelwright gives a local cluster: headroom for actors that mostly wait
             include_dashboard=False,
             configure_logging=False,
             _temp_dir=None,
         )
-    yield ray
+    from ray import serve
+
+    # Serve keeps the HTTP port it was first started on; start it here on a free loopback port
+    # so no test depends on port 8000 or on which test happened to start Serve first.
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield SimpleNamespace(serve_port=port)
     try:
         from ray import serve
 
@@ -36,3 +43,29 @@ def ray_cluster(tmp_path_factory):
     except Exception:  # noqa: BLE001 - Serve may never have started
         pass
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    """Serve's HTTP proxy port for the session (Serve keeps the first port it was started on)."""
+    return ray_cluster.serve_port
+
+
+@pytest.fixture(scope="session")
+def embedded_llm(ray_cluster, serve_port):
+    """The default embedded LLM (Qwen2.5-Coder-0.5B-Instruct) on Serve, started once per session.
+
+    The first start on a machine converts the GGUF (1-3 min); later starts load the cached weights.
+    """
+    from labelwright.cluster.embedded_llm import EmbeddedLLMConfig, start_embedded_llm
+
+    config = EmbeddedLLMConfig(port=serve_port, startup_timeout_s=900)
+    return start_embedded_llm(config), config
