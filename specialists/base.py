@@ -1,0 +1,229 @@
+"""The specialist interface: a batch of texts in, one probability per task label out.
+
+A specialist is a plain class usable without Ray; ``cluster/`` wraps it in a Serve deployment.
+``SpecialistConfig`` is the boundary model (task spec, plan); ``Specialist`` is the logic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from labelwright.orchestrator.errors import SpecialistError
+
+MANIFEST = "specialist.json"
+KINDS = ("tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# Texts longer than this many characters per token of max_length are cut before tokenising, so a
+# megabyte-long row costs no more than a normal one (the tokenizer truncates the rest anyway).
+CHARS_PER_TOKEN_CAP = 16
+
+
+class SpecialistConfig(BaseModel):
+    """How to build and serve one specialist. ``None`` hyper-parameters mean the kind's measured default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str
+    kind: Literal["tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier"]
+    model: str = "minilm"
+    label_map: dict[str, str] | None = None
+    max_length: int = Field(128, ge=8, le=4096)
+    batch_size: int = Field(32, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    l2: float | None = Field(None, ge=0)  # linear kinds: L2 strength on the mean loss
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.25, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"specialist name {value!r} may use only letters, digits, '_' and '-'; rename it"
+            )
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_nonempty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model is empty: use 'minilm', a local model directory or a hub id")
+        return value
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling_sane(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        lo, hi = value.get("min_replicas"), value.get("max_replicas")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(
+                f"autoscaling min_replicas ({lo}) is above max_replicas ({hi}); lower min_replicas"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _label_map_only_for_hf(self) -> "SpecialistConfig":
+        if self.label_map is not None and self.kind != "hf_classifier":
+            raise ValueError(
+                f"label_map is only used by kind 'hf_classifier', not {self.kind!r}; remove it"
+            )
+        if self.l2 is not None and self.kind not in ("tfidf_linear", "embedding_linear"):
+            raise ValueError(
+                f"l2 is only used by the linear kinds, not {self.kind!r}; remove it"
+            )
+        return self
+
+
+class Specialist(ABC):
+    """Texts in, probabilities over ``labels`` out. Subclasses set ``kind`` and ``version``."""
+
+    kind: str = ""
+
+    def __init__(self, config: SpecialistConfig, labels: Sequence[str]):
+        labels = list(labels)
+        if not labels:
+            raise SpecialistError(f"specialist {config.name!r}: the task has no labels; give at least one")
+        if len(set(labels)) != len(labels):
+            dupes = sorted({x for x in labels if labels.count(x) > 1})
+            raise SpecialistError(f"specialist {config.name!r}: task labels repeat {dupes}; make them unique")
+        self.config = config
+        self.name = config.name
+        self.labels = labels
+        self.version = f"{self._version_prefix}-untrained"
+
+    # ---- the interface -------------------------------------------------------------------------
+    @abstractmethod
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 array (len(texts), len(labels)); rows sum to 1; columns in ``labels`` order."""
+
+    @property
+    def trainable(self) -> bool:
+        return True
+
+    def fit(self, texts: Sequence[str], labels: Sequence[str], *, sample_weight=None) -> None:
+        raise SpecialistError(f"specialist {self.name!r} of kind {self.kind!r} cannot be trained")
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write ``specialist.json`` plus the weights into ``directory``."""
+
+    # ---- helpers for subclasses ------------------------------------------------------------------
+    _version_prefix = "specialist"
+
+    def _clean_texts(self, texts: Sequence[str]) -> list[str]:
+        return clean_texts(texts, max_length=self.config.max_length, name=self.name)
+
+    def _label_indices(self, texts: Sequence[str], labels: Sequence[str], sample_weight) -> tuple[np.ndarray, np.ndarray]:
+        return encode_training_labels(texts, labels, sample_weight, task_labels=self.labels, name=self.name)
+
+    def _manifest(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "labels": self.labels,
+            "version": self.version,
+            "config": self.config.model_dump(mode="json"),
+            **extra,
+        }
+
+    def _write_manifest(self, directory: str | Path, **extra: Any) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).write_text(json.dumps(self._manifest(**extra), indent=2))
+        return directory
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, labels={len(self.labels)})"
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise SpecialistError(
+            f"{path} not found: point at a directory written by Specialist.save() or fine_tune_transformer()"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecialistError(f"{path} is not valid JSON ({exc}); re-save the specialist") from exc
+    missing = {"kind", "name", "labels", "version", "config"} - set(manifest)
+    if missing:
+        raise SpecialistError(f"{path} lacks {sorted(missing)}; re-save the specialist")
+    return manifest
+
+
+def digest(*parts: Any) -> str:
+    """Short content hash used in versions: arrays by their bytes, everything else by repr."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, bytes):
+            h.update(part)
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:8]
+
+
+def clean_texts(texts: Sequence[str], *, max_length: int, name: str) -> list[str]:
+    """None/NaN -> "", non-strings -> str(); long texts cut to a bound that truncation would drop anyway."""
+    if isinstance(texts, str):
+        raise SpecialistError(
+            f"specialist {name!r}: predict_proba/fit take a list of texts, not one string; wrap it in a list"
+        )
+    cap = max_length * CHARS_PER_TOKEN_CAP
+    out = []
+    for text in texts:
+        if text is None or (isinstance(text, float) and np.isnan(text)):
+            text = ""
+        elif not isinstance(text, str):
+            text = str(text)
+        out.append(text[:cap])
+    return out
+
+
+def encode_training_labels(texts: Sequence[str], labels: Sequence[str], sample_weight, *,
+                           task_labels: Sequence[str], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a training set once; return (label index per row, weight per row)."""
+    if len(texts) != len(labels):
+        raise SpecialistError(
+            f"specialist {name!r}: {len(texts)} texts but {len(labels)} labels; give one label a text"
+        )
+    if len(texts) == 0:
+        raise SpecialistError(f"specialist {name!r}: the training set is empty; give at least one row")
+    index = {label: i for i, label in enumerate(task_labels)}
+    bad = [(i, lab) for i, lab in enumerate(labels) if lab not in index]
+    if bad:
+        rows = ", ".join(f"row {i}: {lab!r}" for i, lab in bad[:5])
+        raise SpecialistError(
+            f"specialist {name!r}: {len(bad)} training labels are not task labels ({rows}); "
+            f"use one of {list(task_labels)}"
+        )
+    y = np.array([index[lab] for lab in labels], dtype=np.int64)
+    if sample_weight is None:
+        return y, np.ones(len(y), dtype=np.float32)
+    w = np.asarray(sample_weight, dtype=np.float32).reshape(-1)
+    if len(w) != len(y):
+        raise SpecialistError(
+            f"specialist {name!r}: sample_weight has {len(w)} values for {len(y)} rows; give one a row"
+        )
+    bad_w = np.flatnonzero(~np.isfinite(w) | (w < 0))
+    if len(bad_w):
+        raise SpecialistError(
+            f"specialist {name!r}: sample_weight must be finite and >= 0 (rows {bad_w[:5].tolist()})"
+        )
+    if w.sum() <= 0:
+        raise SpecialistError(f"specialist {name!r}: every sample_weight is 0; give some rows weight")
+    return y, w

