@@ -53,6 +53,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
             ) from None
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 900  # fail loudly rather than hang when actors cannot be placed
+    ctx.raise_original_map_exception = True  # a ControllerError in a stage reaches the caller as itself
     ctx.enable_progress_bars = True
     return describe(started)
 

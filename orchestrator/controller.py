@@ -34,6 +34,7 @@ from .llm_cache import LLMCache, cache_key
 LOCAL_DUMMY_KEY = "labelwright-local"  # sent to loopback endpoints when no key is set; they ignore it
 _MAX_BACKOFF_S = 30.0
 _MAX_RETRY_AFTER_S = 60.0
+_GAVE_UP = "gave up after"
 
 
 class ControllerConfig(BaseModel):
@@ -97,6 +98,7 @@ class ControllerAnswer(BaseModel):
     completion_tokens: int = 0
     calls: int = 0  # HTTP requests made for this row (retries and the repair round included)
     cached: bool = False
+    endpoint_down: bool = False  # unresolved because the endpoint kept failing (not because of the answer)
 
     @property
     def resolved(self) -> bool:
@@ -327,7 +329,9 @@ class Controller:
 
         completion, error = self._request(messages, fmt, tally)
         if error:
-            return self._unresolved(error, None, tally, note)
+            answer = self._unresolved(error, None, tally, note)
+            answer.endpoint_down = error.startswith(_GAVE_UP)
+            return answer
         content, tokens = _content_and_tokens(completion)
         label, problem = prompts.parse_answer(content, offered)
         if label is None:
@@ -425,7 +429,7 @@ class Controller:
                 if retry_after is not None:
                     delay = max(delay, min(retry_after, _MAX_RETRY_AFTER_S))
                 time.sleep(delay)
-        return None, f"gave up after {cfg.max_retries + 1} attempts: {last}"
+        return None, f"{_GAVE_UP} {cfg.max_retries + 1} attempts: {last}"
 
     # ------------------------------------------------------------------ many rows
 

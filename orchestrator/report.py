@@ -14,8 +14,14 @@ import pandas as pd
 from labelwright.orchestrator.cost import token_cost
 
 
+def _labels(values: Sequence) -> np.ndarray:
+    """Labels as an object array with every kind of missing value (None, NaN, pd.NA) as None."""
+    s = pd.Series(list(values), dtype=object)
+    return s.where(s.notna(), None).to_numpy(dtype=object)
+
+
 def accuracy(pred: Sequence, gold: Sequence) -> float | None:
-    pred, gold = np.asarray(pred, dtype=object), np.asarray(gold, dtype=object)
+    pred, gold = _labels(pred), _labels(gold)
     if len(gold) == 0:
         return None
     return float(np.mean(pred == gold))
@@ -23,7 +29,7 @@ def accuracy(pred: Sequence, gold: Sequence) -> float | None:
 
 def macro_f1(pred: Sequence, gold: Sequence, labels: Sequence[str]) -> float | None:
     """Macro-F1 over the labels present in gold or prediction; an unresolved row (None) is a miss."""
-    pred, gold = np.asarray(pred, dtype=object), np.asarray(gold, dtype=object)
+    pred, gold = _labels(pred), _labels(gold)
     if len(gold) == 0:
         return None
     scores = []

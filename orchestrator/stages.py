@@ -92,6 +92,7 @@ class ControllerSettings:
     seed_answers: dict = field(default_factory=dict)  # row id -> answer dict for rows labelled while seeding
     max_calls: int | None = None  # remaining budget for this actor
     max_tokens: int | None = None
+    endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
 
 RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_answer", "controller_confidence",
@@ -114,6 +115,7 @@ class ControllerStage:
             self.encoder = Encoder(settings.encoder_model)
         self.calls = 0
         self.tokens = 0
+        self.down_streak = 0  # consecutive rows lost to a failing endpoint
 
     def _budget_left(self) -> str | None:
         if self.s.max_calls is not None and self.calls >= self.s.max_calls:
@@ -166,11 +168,26 @@ class ControllerStage:
             many = len(self.s.labels) > self.config.max_choices
             choices = [list(batch.at[i, "candidates"]) for i in part] if many else None
             answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
+            self._check_endpoint_alive(answers)
             for i, a in zip(part, answers):
                 a = a.model_dump()
                 self._fill(res, i, a)
                 self.calls += a["calls"]
                 self.tokens += a["prompt_tokens"] + a["completion_tokens"]
+
+    def _check_endpoint_alive(self, answers) -> None:
+        """Stop the job (finished shards stay saved) rather than mark every remaining hard row
+        unresolved when the endpoint has died: rows marked unresolved would not be asked again on resume."""
+        for a in answers:
+            self.down_streak = self.down_streak + 1 if a.endpoint_down else 0
+        if self.s.endpoint_down_after and self.down_streak >= self.s.endpoint_down_after:
+            from labelwright.orchestrator.errors import ControllerError
+
+            last = next(a.reason for a in reversed(answers) if a.endpoint_down)
+            raise ControllerError(
+                f"the controller endpoint failed on {self.down_streak} rows in a row ({last}); stopping. Finished "
+                "shards are saved: fix the endpoint and run the same command again to resume"
+            )
 
     def _demonstrations(self, texts: list[str]) -> list[list[tuple[str, str]]] | None:
         if self.encoder is None:

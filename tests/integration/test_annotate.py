@@ -12,7 +12,7 @@ from labelwright.orchestrator.cli import main
 from labelwright.orchestrator.errors import ControllerError
 from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.spec import load_task
-from tests.fake_openai import FakeOpenAI, garbage, http_error, oracle, script
+from tests.fake_openai import FakeOpenAI, HTTPError, garbage, http_error, oracle, script
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
 
@@ -100,6 +100,31 @@ def test_garbage_answers_make_rows_unresolved_not_lost(ray_cluster, movie, tmp_p
     assert len(unresolved) > 0
     assert unresolved["label"].isna().all()
     assert unresolved["reason"].str.contains("JSON|label", case=False).all()
+
+
+def test_endpoint_dying_mid_run_stops_the_job_then_resumes(ray_cluster, movie, tmp_path):
+    path, df = movie
+    truth = dict(zip(df["text"], df["label"]))
+    state = {"n": 0, "down": False}
+    good = oracle(truth)
+
+    def responder(request):
+        state["n"] += 1
+        if state["down"] or state["n"] > 40:  # the seed is answered, then the endpoint dies
+            state["down"] = True
+            return HTTPError(503, "overloaded")
+        return good(request)
+
+    with FakeOpenAI(responder) as server:
+        out = tmp_path / "out.parquet"
+        with pytest.raises(ControllerError, match="run the same command again to resume"):
+            annotate(path, spec=spec_for(server), output=out)
+        state["down"], state["n"] = False, -10**9  # the endpoint is back
+        report = annotate(path, spec=spec_for(server), output=out)
+    res = pd.read_parquet(out)
+    assert len(res) == len(df) and res["row"].is_unique
+    assert (res["decided_by"] == "unresolved").sum() == 0
+    assert report["rows_out"] == len(df)
 
 
 def test_budget_caps_llm_calls(ray_cluster, movie, tmp_path):

@@ -22,6 +22,9 @@ def test_accuracy_and_macro_f1_count_unresolved_as_miss():
     # label a: tp=1 fp=0 fn=0 -> 1.0; label b: tp=0 fp=0 fn=1 -> 0.0
     assert macro_f1(["a", None], ["a", "b"], ["a", "b"]) == pytest.approx(0.5)
     assert accuracy([], []) is None
+    # missing labels of every kind pandas produces count as misses, never raise
+    assert accuracy(pd.array(["a", pd.NA], dtype="string"), ["a", "b"]) == 0.5
+    assert accuracy(pd.Series(["a", float("nan")]), ["a", "b"]) == 0.5
 
 
 def test_report_counts_cost_and_gold():
