@@ -37,6 +37,7 @@ def deployment_options(config: SpecialistConfig, *, gpu: bool, checkpoint: str) 
         "max_ongoing_requests": 4,
         "user_config": {"checkpoint": checkpoint},
         "health_check_period_s": 10,
+        "logging_config": {"log_level": "WARNING", "enable_access_log": False},
     }
 
 

@@ -282,8 +282,7 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
             if have[idx] == expected[idx]:
                 out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
                 write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
-        progress.update(len(batch), int((batch["llm_calls"] > 0).sum()))
-    progress.update(0, 0, force=True)
+        progress.update(len(batch), int((batch["llm_calls"] > 0).sum()), force=progress.done + len(batch) == staged.n_rows)
     missing = [i for i in expected if i in buffers]
     if missing:
         raise InputDataError(f"internal check failed: shards {missing} did not complete")

@@ -156,9 +156,12 @@ def test_unreachable_endpoint_is_a_clear_error(ray_cluster, movie, tmp_path):
 
 def test_cli_jsonl_with_empty_rows_and_bad_flags(ray_cluster, tmp_path, capsys, movie):
     _, df = movie
-    rows = [{"text": t} for t in df["text"].head(60)] + [{"text": ""}, {"text": "   "}]
+    big = "a wonderful, moving film " * 42_000  # about 1 MB of text in one row
+    rows = [{"text": t} for t in df["text"].head(60)] + [{"text": big}, {"text": ""}, {"text": "   "}]
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in rows))
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(5, b'{"text": "caf\xe9 au lait, a fine film"}')  # Latin-1 byte, not UTF-8
+    src.write_bytes(b"\n".join(lines))
     truth = dict(zip(df["text"], df["label"]))
     with FakeOpenAI(script(oracle(truth, default="positive"))) as server:
         task = tmp_path / "task.yaml"
@@ -172,7 +175,10 @@ def test_cli_jsonl_with_empty_rows_and_bad_flags(ray_cluster, tmp_path, capsys, 
         assert main(["annotate", str(src), "--task", str(task), "--output", str(out),
                      "--voting-rule", "majority"]) == 0
     res = pd.read_json(out, lines=True)
-    assert len(res) == 62
+    assert len(res) == 64 and res["row"].tolist() == list(range(64))
+    assert "not valid UTF-8" in res.loc[5, "note"] and res.loc[5, "text"] == "caf\ufffd au lait, a fine film"
+    assert res.loc[5, "label"] in ("positive", "negative")
+    assert len(res.loc[61, "text"]) == len(big) and res.loc[61, "label"] in ("positive", "negative")
     assert res.iloc[-2:]["decided_by"].tolist() == ["unresolved", "unresolved"]
     assert res.iloc[-2:]["reason"].tolist() == ["empty text", "empty text"]
     # bad input: a clear message and exit code 2, not a traceback
