@@ -69,3 +69,21 @@ def embedded_llm(ray_cluster, serve_port):
 
     config = EmbeddedLLMConfig(port=serve_port, startup_timeout_s=900)
     return start_embedded_llm(config), config
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A tiny randomly initialised BERT with the bundled MiniLM tokenizer, saved as a local model dir."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from labelwright.specialists.encoder import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64))
+    directory = tmp_path_factory.mktemp("tiny") / "bert"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -5,31 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
-import torch
 
 from labelwright.specialists.base import SpecialistConfig
-from labelwright.specialists.encoder import resolve_model
 from labelwright.specialists.registry import build_specialist, load_specialist
 from labelwright.training.finetune import fine_tune_transformer
 
 LABELS = ["negative", "positive"]
 TEXTS = ["great fun", "awful mess", "a joy to watch", "dull and bad", "lovely", "boring"] * 4
 GOLD = ["positive", "negative", "positive", "negative", "positive", "negative"] * 4
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64))
-    directory = tmp_path_factory.mktemp("tiny") / "bert"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def test_fine_tune_on_ray_train_gives_a_loadable_checkpoint(ray_cluster, tiny_bert, tmp_path):

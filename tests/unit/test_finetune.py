@@ -8,7 +8,6 @@ import torch
 
 from labelwright.orchestrator.errors import SpecialistError
 from labelwright.specialists.base import SpecialistConfig
-from labelwright.specialists.encoder import resolve_model
 from labelwright.specialists.registry import build_specialist, load_specialist
 from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
 from labelwright.training.finetune import fine_tune_transformer, shard_indices, train_loop
@@ -24,20 +23,6 @@ def _threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64))
-    directory = tmp_path_factory.mktemp("tiny") / "bert"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def make(tiny_bert, labels=LABELS, **overrides) -> TransformerClassifierSpecialist:
