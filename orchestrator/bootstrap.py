@@ -28,10 +28,17 @@ class SeedSet:
     labels: list[str]
     embeddings: np.ndarray  # L2-normalised, one row per text
     source: str  # "controller" or "gold"
-    answers: dict = field(default_factory=dict)  # input row id -> controller answer (controller seeds only)
+    answers: dict = field(default_factory=dict)  # row id -> controller answer (controller seeds only)
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def usage(self) -> dict:
+        """LLM use of seeding: calls and tokens over every seed answer."""
+        a = list(self.answers.values())
+        return {"rows_asked": len(a), "llm_calls": sum(int(x.get("calls") or 0) for x in a),
+                "prompt_tokens": sum(int(x.get("prompt_tokens") or 0) for x in a),
+                "completion_tokens": sum(int(x.get("completion_tokens") or 0) for x in a)}
 
 
 def _sample_pool(staged: StagedInput, pool_size: int, seed: int) -> pd.DataFrame:
@@ -47,6 +54,18 @@ def _sample_pool(staged: StagedInput, pool_size: int, seed: int) -> pd.DataFrame
     if len(pool) > pool_size:
         pool = pool.sample(n=pool_size, random_state=seed).sort_index()
     return pool.reset_index(drop=True)
+
+
+def _file_pool(path: str, text_column: str, pool_size: int, seed: int) -> pd.DataFrame:
+    """Seed candidates from a separate file of (unlabelled) texts; ids cannot collide with input ids."""
+    df = read_frame(path)
+    if text_column not in df.columns:
+        raise InputDataError(f"seed pool file {path} has no column {text_column!r}; its columns are {list(df.columns)}")
+    texts = df[text_column].astype(str)
+    texts = texts[texts.str.strip() != ""]
+    if len(texts) > pool_size:
+        texts = texts.sample(n=pool_size, random_state=seed).sort_index()
+    return pd.DataFrame({"id": [f"pool-{i}" for i in texts.index], "text": texts.tolist()})
 
 
 def label_choices(texts_emb: np.ndarray, label_emb: np.ndarray, labels: list[str], k: int) -> list[list[str]]:
@@ -71,8 +90,9 @@ def build_seed(
 ) -> SeedSet:
     seed_dir = Path(run_dir) / "seed"
     table_path, emb_path, meta_path = seed_dir / "seed.parquet", seed_dir / "embeddings.npy", seed_dir / "meta.json"
-    meta = {"gold_file": spec.seed.gold_file, "size": spec.seed.resolved_size(len(spec.labels)),
-            "pool_size": spec.seed.pool_size, "labels": spec.label_names}
+    meta = {"gold_file": spec.seed.gold_file, "pool_file": spec.seed.pool_file,
+            "size": spec.seed.resolved_size(len(spec.labels)), "pool_size": spec.seed.pool_size,
+            "labels": spec.label_names}
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta and table_path.is_file():
         df = pd.read_parquet(table_path)
         log(f"seed: reusing {len(df)} labelled rows from {table_path}")
@@ -85,7 +105,10 @@ def build_seed(
         emb = encoder.encode(df["text"].tolist())
     else:
         size = meta["size"]
-        pool = _sample_pool(staged, spec.seed.pool_size, seed=0)
+        if spec.seed.pool_file:
+            pool = _file_pool(spec.seed.pool_file, spec.text_column, spec.seed.pool_size, seed=0)
+        else:
+            pool = _sample_pool(staged, spec.seed.pool_size, seed=0)
         if pool.empty:
             raise InputDataError("every input row has an empty text; there is nothing to label")
         log(f"seed: embedding a pool of {len(pool)} rows, picking {min(size, len(pool))} by k-means")

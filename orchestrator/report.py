@@ -126,6 +126,11 @@ def summary(report: dict) -> str:
         f"time: {report['wall_s']:.1f} s wall, {report['rows_per_s'] or 0:.2f} rows/s overall, "
         f"{report['labelling_rows_per_s'] or 0:.2f} rows/s while labelling",
     ]
+    seed = report.get("seed")
+    if seed and not seed.get("from_input", True):
+        lines.append(f"seed: {seed['rows']} rows labelled ({seed['source']}) from a separate pool, "
+                     f"{seed['llm_calls']} LLM calls and {seed['prompt_tokens'] + seed['completion_tokens']} tokens "
+                     "not counted above")
     g = report.get("gold")
     if g:
         lines.append(f"gold ({g['rows']} rows): accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}")

@@ -58,6 +58,7 @@ class SeedConfig(_Strict):
     size: int | None = Field(default=None, ge=1)  # None: 8 per label, clamped to [64, 512]
     pool_size: int = Field(default=3000, ge=1)  # rows embedded for k-means seed selection
     gold_file: str | None = None  # labelled seed file (CSV/JSONL/Parquet): used instead of the controller
+    pool_file: str | None = None  # pick the seed from this file's texts (same text column) instead of the input
     gold_text_column: str = "text"
     gold_label_column: str = "label"
 
