@@ -122,13 +122,20 @@ def _iter_jsonl(path: Path) -> Iterator[pa.Table]:
 
 
 def _jsonl_table(rows: list[dict]) -> pa.Table:
-    df = pd.DataFrame.from_records(rows)
-    for col in df.columns:  # surrogate-escaped bytes back to raw bytes so decoding notes them
-        if df[col].dtype == object:
-            df[col] = [
-                v.encode("utf-8", errors="surrogateescape") if isinstance(v, str) else v for v in df[col]
-            ]
-    return pa.Table.from_pandas(df, preserve_index=False)
+    """Every field as raw bytes, like CSV: types never disagree between chunks, and text holding
+    undecodable bytes (kept as surrogates by the reader) is decoded row by row with a note."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({c: pa.array([_as_bytes(row.get(c)) for row in rows], type=pa.binary()) for c in columns})
+
+
+def _as_bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode("utf-8", errors="surrogateescape")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
+    return str(value).encode()
 
 
 def _iter_parquet(path: Path) -> Iterator[pa.Table]:

@@ -58,6 +58,8 @@ def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
         path.write_text(json.dumps(fingerprint, indent=1))
 
 
+EMBEDDED_TIMEOUT_S = 600.0
+
 OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
 OUTPUT_BACK = ["controller_answer", "controller_confidence", "prompt_tokens", "completion_tokens", "llm_calls",
                "cached", "seed", "note"]
@@ -141,7 +143,12 @@ def annotate(
 
         log(f"controller: starting the embedded LLM ({spec.embedded_llm.model}) on Ray Serve")
         base_url = start_embedded_llm(spec.embedded_llm)
-        controller_cfg = controller_cfg.model_copy(update={"base_url": base_url, "model": spec.embedded_llm.model})
+        update = {"base_url": base_url, "model": spec.embedded_llm.model}
+        if "timeout_s" not in controller_cfg.model_fields_set:
+            # One CPU replica answers one request at a time: a queue of `concurrency` requests can
+            # outwait a remote API's timeout, and a timed-out request is computed again on retry.
+            update["timeout_s"] = EMBEDDED_TIMEOUT_S
+        controller_cfg = controller_cfg.model_copy(update=update)
     timings["start_controller"] = time.monotonic() - t
     log(f"controller: {controller_cfg.model} at {controller_cfg.base_url}")
     controller = Controller(controller_cfg, labels=spec.label_names, descriptions=spec.descriptions,

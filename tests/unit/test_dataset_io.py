@@ -111,3 +111,12 @@ def test_write_frame_round_trips_each_format(tmp_path):
         back = read_frame(write_frame(df, tmp_path / name))
         assert back["label"].tolist()[0] == "a"
         assert len(back) == 2
+
+
+def test_jsonl_non_utf8_bytes_and_mixed_field_types(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "ok", "n": 1}\n{"text": "caf\xe9 au lait", "n": 2.5}\n{"text": "x", "meta": {"a": 1}}\n')
+    df = staged_frame(stage_input(src, run_dir=tmp_path / "run", text_column="text"))
+    assert df["text"].tolist() == ["ok", "caf\ufffd au lait", "x"]
+    assert "not valid UTF-8" in df["note"][1]
+    assert df["n"].tolist()[:2] == ["1", "2.5"] and df["meta"][2] == '{"a": 1}'
