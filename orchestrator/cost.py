@@ -48,17 +48,6 @@ def token_cost(
     return prompt_tokens / 1000.0 * price_prompt_per_1k + completion_tokens / 1000.0 * price_completion_per_1k
 
 
-def extrapolated_cost(usage: Usage, *, rows_sent: int, total_rows: int) -> float:
-    """Estimated cost of sending all ``total_rows`` to the LLM, from what ``rows_sent`` rows cost.
-
-    Used by the run report to compare the job against labelling everything with the LLM. Returns 0.0 when
-    no row was sent (nothing to extrapolate from).
-    """
-    if rows_sent <= 0:
-        return 0.0
-    return usage.cost_usd / rows_sent * total_rows
-
-
 class UsageMeter:
     """Thread-safe running totals of controller usage, priced at fixed per-1k prices."""
 

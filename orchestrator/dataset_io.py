@@ -47,10 +47,6 @@ class StagedInput:
     n_rows: int
     passthrough: list[str]  # input columns carried to the output (renamed when reserved)
 
-    @property
-    def files(self) -> list[str]:
-        return [str(s.path) for s in self.shards]
-
 
 def input_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
