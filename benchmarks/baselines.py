@@ -106,8 +106,12 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
     results = []
     rows_n = len(df)
 
-    ctrl_cfg = spec.controller.model_copy(update={
-        "base_url": report["controller"]["base_url"], "model": report["controller"]["model"], "cache": False})
+    update = {"base_url": report["controller"]["base_url"], "model": report["controller"]["model"], "cache": False}
+    if not args.base_url:  # the embedded LLM queues requests: give them the job's embedded timeout
+        from labelwright.orchestrator.job import EMBEDDED_TIMEOUT_S
+
+        update["timeout_s"] = EMBEDDED_TIMEOUT_S
+    ctrl_cfg = spec.controller.model_copy(update=update)
     alone = controller_alone(df["text"], labels, spec.descriptions, spec.instruction, ctrl_cfg, work / "labels.run" / "seed")
     results.append({"dataset": name, "method": "controller alone", "rows": rows_n,
                     "accuracy": accuracy(alone["pred"], gold), "macro_f1": macro_f1(alone["pred"], gold, labels),

@@ -44,16 +44,18 @@ def deployment_options(config: SpecialistConfig, *, gpu: bool, checkpoint: str) 
 def deploy_specialists(
     configs: Sequence[SpecialistConfig], checkpoints: dict[str, str], *, app_prefix: str, gpu: bool
 ) -> dict[str, SpecialistEndpoint]:
-    """Deploy (or update in place, with a rolling swap) one Serve application per specialist."""
+    """Deploy (or update with a rolling swap) one Serve application per specialist, all at once;
+    returns when every application is running."""
     from ray import serve
 
-    endpoints = {}
+    endpoints, targets = {}, []
     for config in configs:
         opts = deployment_options(config, gpu=gpu, checkpoint=checkpoints[config.name])
         app = f"{app_prefix}-{config.name}"
         dep = serve.deployment(SpecialistReplica).options(**opts)
-        serve.run(dep.bind(torch_threads=config.torch_threads), name=app, route_prefix=None)
+        targets.append(serve.RunTarget(dep.bind(torch_threads=config.torch_threads), name=app, route_prefix=None))
         endpoints[config.name] = SpecialistEndpoint(config.name, app, opts["name"])
+    serve.run_many(targets)
     return endpoints
 
 

@@ -22,9 +22,11 @@ import pandas as pd
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
 from labelwright.orchestrator.errors import ConfigError, ControllerError, InputDataError
-from labelwright.orchestrator.report import build_report, summary
+from labelwright.orchestrator.report import accuracy, build_report, summary
 from labelwright.orchestrator.spec import TaskSpec
-from labelwright.orchestrator.stages import ControllerSettings, ControllerStage, VoteSettings, VoteStage
+from labelwright.orchestrator.stages import (
+    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage,
+)
 
 
 def _log(msg: str) -> None:
@@ -36,7 +38,8 @@ def default_run_dir(output: Path) -> Path:
 
 
 def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None) -> dict:
-    data = spec.model_dump(mode="json", exclude={"runtime", "budget"})
+    # Settings that may change between a run and its resume are left out (how, not what, to label).
+    data = spec.model_dump(mode="json", exclude={"runtime", "budget", "stages"})
     data["controller"].pop("concurrency", None)
     data["controller"].pop("timeout_s", None)
     return {"input": str(input_path.resolve()), "limit": limit, "task": data}
@@ -61,8 +64,8 @@ def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
 EMBEDDED_TIMEOUT_S = 600.0
 
 OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
-OUTPUT_BACK = ["controller_answer", "controller_confidence", "prompt_tokens", "completion_tokens", "llm_calls",
-               "cached", "seed", "note"]
+OUTPUT_BACK = ["stage", "recheck_label", "controller_answer", "controller_confidence", "prompt_tokens",
+               "completion_tokens", "llm_calls", "cached", "seed", "note"]
 
 
 def _order_columns(df: pd.DataFrame, specialists: list[str], passthrough: list[str]) -> pd.DataFrame:
@@ -79,6 +82,7 @@ class _Progress:
         self.first = done
         self.last = 0.0
         self.llm = 0
+        self.stage = 0
 
     def update(self, rows: int, llm_rows: int, force: bool = False) -> None:
         self.done += rows
@@ -92,7 +96,7 @@ class _Progress:
         eta = f"{left / 60:.1f} min" if left != float("inf") else "?"
         new = max(1, self.done - self.first)
         self.log(f"labelled {self.done}/{self.total} rows ({self.done / self.total:.0%}), {rate:.1f} rows/s, "
-                 f"LLM on {self.llm / new:.0%} of new rows, ETA {eta}")
+                 f"LLM on {self.llm / new:.0%} of new rows, specialists at stage {self.stage}, ETA {eta}")
 
 
 def annotate(
@@ -176,22 +180,53 @@ def annotate(
     )
     timings["train"] = time.monotonic() - t
 
-    t = time.monotonic()
     app_prefix = "lw-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
-    endpoints = deploy_specialists(spec.specialists, checkpoints, app_prefix=app_prefix, gpu=gpu)
+    by_name = {c.name: c for c in spec.specialists}
+
+    def swap(changed: dict[str, str]) -> None:
+        deploy_specialists([by_name[n] for n in changed], changed, app_prefix=app_prefix, gpu=gpu)
+
+    gate = None
+    if spec.stages.enabled and spec.stages.wait:
+        import ray
+
+        from labelwright.orchestrator.learning import StageGate
+
+        gate = ray.remote(num_cpus=0)(StageGate).remote()
+    learning = _staged_learning(spec, staged, seed, checkpoints, run_dir=run_dir, train_s=timings["train"],
+                                gpu=gpu, swap=swap, gate=gate, log=log)
+    t = time.monotonic()
+    endpoints = deploy_specialists(spec.specialists, learning.deployed, app_prefix=app_prefix, gpu=gpu)
     timings["deploy"] = time.monotonic() - t
-    log(f"specialists deployed on Serve: {', '.join(endpoints)}")
+    log(f"specialists deployed on Serve (stage {learning.stage}): {', '.join(endpoints)}")
     try:
         return _label_and_report(
-            spec, staged, endpoints, seed, controller_cfg, checkpoints,
+            spec, staged, endpoints, seed, controller_cfg, learning,
             run_dir=run_dir, output=output, output_format=output_format, report_path=report_path,
             timings=timings, t0=t0, log=log,
         )
     finally:
+        learning.finish()
         delete_specialists(endpoints)  # free their resources; the embedded LLM stays up for the next job
 
 
-def _label_and_report(spec, staged, endpoints, seed, controller_cfg, checkpoints, *, run_dir, output,
+def _staged_learning(spec, staged, seed, checkpoints, *, run_dir, train_s, gpu, swap, gate, log):
+    from labelwright.orchestrator.learning import StagedLearning, gold_check_set
+    from labelwright.training.stage import CheckSet
+
+    cfg = spec.stages
+    if spec.gold_column and cfg.check_rows > 0:
+        check, exclude = gold_check_set(staged, size=cfg.check_rows, exclude_ids=set(map(str, seed.answers)),
+                                        exclude_texts=set(seed.texts))
+        log(f"stages: {len(check)} gold rows held out to check each stage (never trained on)")
+    else:
+        check, exclude = CheckSet([], [], "controller"), set()
+    return StagedLearning(spec, run_dir=run_dir, seed_texts=seed.texts, seed_labels=seed.labels, stage0=checkpoints,
+                          stage0_train_s=train_s, check=check, exclude_rows=exclude, total_rows=staged.n_rows,
+                          gpu=gpu, swap=swap, gate=gate, log=log)
+
+
+def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *, run_dir, output,
                       output_format, report_path, timings, t0, log) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
@@ -204,12 +239,14 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, checkpoints
     names = [s.name for s in spec.specialists]
 
     t = time.monotonic()
+    vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
+                        threshold=spec.voting.threshold, weights=spec.voting.weights,
+                        max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
+    done_rows = sum(s.n_rows for s in staged.shards if s.index in done_shards)
+    learning.rows_seen = learning.rows_at_last_stage = done_rows
     if todo:
         if done_shards:
             log(f"resuming: {len(done_shards)} shard(s) already labelled, {len(todo)} to go")
-        vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
-                            threshold=spec.voting.threshold, weights=spec.voting.weights,
-                            max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
         n_ctrl = spec.runtime.controller_actors
         ctrl = ControllerSettings(
             controller=controller_cfg.model_dump(), labels=spec.label_names, descriptions=spec.descriptions,
@@ -218,14 +255,25 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, checkpoints
             max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
             max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
         )
-        ds = ray.data.read_parquet([str(s.path) for s in todo])
-        ds = ds.map_batches(VoteStage, fn_constructor_args=(vote,), batch_format="pandas",
-                            batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
-                            compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
-        ds = ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
-                            batch_size=spec.runtime.vote_batch_size, num_cpus=0.25,
-                            compute=ActorPoolStrategy(size=n_ctrl))
-        _write_parts(ds, staged, todo, parts_dir, done_rows=sum(s.n_rows for s in staged.shards if s.index in done_shards), log=log)
+        # One read task per shard, then blocks of one batch each (a streaming repartition): the
+        # driver sees every batch as soon as it is labelled, which is what progress, the stage
+        # trigger and the swap act on. Left to itself, Ray Data reads small inputs as one block.
+        ds = ray.data.read_parquet([str(s.path) for s in todo], override_num_blocks=len(todo))
+        ds = ds.repartition(target_num_rows_per_block=spec.runtime.vote_batch_size)
+        if spec.stages.enabled:
+            # One operator, so rows are voted just before they are routed (see LabelStage).
+            ds = ds.map_batches(LabelStage, fn_constructor_args=(vote, ctrl, learning.gate), batch_format="pandas",
+                                batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
+                                compute=ActorPoolStrategy(size=n_ctrl))
+        else:
+            ds = ds.map_batches(VoteStage, fn_constructor_args=(vote,), batch_format="pandas",
+                                batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
+                                compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
+            ds = ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
+                                batch_size=spec.runtime.vote_batch_size, num_cpus=0.25,
+                                compute=ActorPoolStrategy(size=n_ctrl))
+        _write_parts(ds, staged, todo, parts_dir, done_rows=done_rows, learning=learning, log=log)
+    learning.finish()
     label_s = time.monotonic() - t
     timings["label"] = label_s
 
@@ -233,6 +281,10 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, checkpoints
                    ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
     if len(df) != staged.n_rows or df["row"].duplicated().any():
         raise InputDataError(f"internal check failed: {len(df)} output rows for {staged.n_rows} input rows")
+    df["stage"] = learning.row_stages(df, names)
+    stages_report = learning.report(df)
+    if spec.stages.recheck:
+        df, stages_report["recheck"] = _recheck(df, vote, learning.stage, spec.runtime.vote_batch_size, log)
     df = _order_columns(df, names, staged.passthrough)
     write_frame(df, output, output_format)
     wall = time.monotonic() - t0
@@ -243,13 +295,18 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, checkpoints
         extra={"controller": {"model": controller_cfg.model, "base_url": controller_cfg.base_url},
                "seed": {"rows": len(seed), "source": seed.source, "from_input": not spec.seed.pool_file,
                         **seed.usage()},
-               "specialists": {n: checkpoints[n] for n in names},
+               "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
-               "resumed_shards": len(done_shards)},
+               "resumed_shards": len(done_shards), "stages": stages_report},
     )
+    from labelwright.orchestrator.report import plot_stages
+
+    base = Path(report_path) if report_path else output
+    plot = plot_stages(stages_report, base.with_name(base.stem + ".stages.png"))
+    report["stages"]["plot"] = str(plot) if plot else None
     if report_path:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_path).write_text(json.dumps(report, indent=2))
+        Path(report_path).write_text(json.dumps(report, indent=2, default=str))
     log(summary(report))
     log(f"output: {output}" + (f", report: {report_path}" if report_path else ""))
     return report
@@ -273,7 +330,33 @@ def _usage_so_far(parts_dir: Path, done: set[int], seed) -> tuple[int, int]:
     return calls, tokens
 
 
-def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: int, log) -> None:
+def _recheck(df: pd.DataFrame, vote: VoteSettings, stage: int, batch_size: int, log) -> tuple[pd.DataFrame, dict]:
+    """Re-vote rows settled by consensus before the last stage with the final specialists. The answer
+    goes to ``recheck_label`` (None where the rows are now hard) and the report; ``label`` is kept."""
+    old = df[(df["decided_by"] == "consensus") & (df["stage"] < stage) & ~df["seed"].astype(bool)]
+    df = df.assign(recheck_label=None)
+    if old.empty:
+        return df, {"rows": 0, "changed": 0, "now_hard": 0}
+    voter = VoteStage(vote)
+    labels = []
+    for start in range(0, len(old), batch_size):
+        part = voter(old.iloc[start:start + batch_size][["text", "skip_reason"]].copy())
+        labels += [None if h else lab for h, lab in zip(part["hard"], part["specialists_label"])]
+    df.loc[old.index, "recheck_label"] = pd.Series(labels, index=old.index, dtype=object)
+    new = df.loc[old.index, "recheck_label"]
+    changed = new.notna() & (new != old["label"])
+    out = {"rows": int(len(old)), "changed": int(changed.sum()), "now_hard": int(new.isna().sum())}
+    if "gold" in df.columns and old["gold"].notna().any():
+        c = old[changed & old["gold"].notna()]
+        out["changed_gold_rows"] = int(len(c))
+        out["accuracy_kept_label"] = accuracy(c["label"], c["gold"]) if len(c) else None
+        out["accuracy_recheck_label"] = accuracy(new[c.index], c["gold"]) if len(c) else None
+    log(f"recheck: {out['rows']} earlier consensus rows re-voted by stage {stage}: {out['changed']} would change, "
+        f"{out['now_hard']} are now hard (reported in recheck_label, not applied)")
+    return df, out
+
+
+def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: int, learning, log) -> None:
     starts = [s.first_row for s in staged.shards]
     expected = {s.index: s.n_rows for s in todo}
     buffers: dict[int, list[pd.DataFrame]] = {i: [] for i in expected}
@@ -290,6 +373,8 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
             if have[idx] == expected[idx]:
                 out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
                 write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
+        learning.observe(batch)
+        progress.stage = learning.stage
         progress.update(len(batch), int((batch["llm_calls"] > 0).sum()), force=progress.done + len(batch) == staged.n_rows)
     missing = [i for i in expected if i in buffers]
     if missing:

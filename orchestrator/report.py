@@ -6,6 +6,7 @@ end of a run.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -139,4 +140,63 @@ def summary(report: dict) -> str:
             lines.append(f"  {k}: {v['rows']} rows, accuracy {acc}")
         for s, acc in g["specialist_accuracy"].items():
             lines.append(f"  specialist {s} alone: accuracy {acc:.3f}")
+    st = report.get("stages")
+    if st and len(st.get("stages", [])) > 1:
+        lines.append(f"stages ({st['buffer_rows']} controller rows in the buffer):")
+        for r in st["stages"]:
+            share = "n/a" if r["hard_share"] is None else f"{r['hard_share']:.0%}"
+            text = f"  stage {r['stage']}: voted {r['rows']} rows, LLM share {share}, {r['llm_calls']} LLM calls"
+            if r.get("consensus_accuracy") is not None:
+                text += f", consensus accuracy {r['consensus_accuracy']:.3f}"
+            chk = r.get("check") or {}
+            if chk.get("rows"):
+                text += f", held-out {chk['source']} ({chk['rows']}): " + ", ".join(
+                    f"{n} {a:.3f}" for n, a in chk["specialists"].items())
+            if r.get("train_s") is not None:
+                text += f", trained in {r['train_s']:.0f} s"
+            if r.get("rolled_back"):
+                text += f", rolled back {', '.join(r['rolled_back'])}"
+            if r.get("failed"):
+                text += f", FAILED: {r['failed']}"
+            lines.append(text)
     return "\n".join(lines)
+
+
+def plot_stages(stages: dict, path: str | Path) -> Path | None:
+    """PNG of the per-stage figures: LLM (hard-row) share and accuracy, stage by stage.
+
+    Left: share of rows sent to the controller among the rows each stage's specialists voted on,
+    and the hard share on the held-out check slice. Right: each specialist's accuracy on the check
+    slice and, with gold, the accuracy of the consensus rows. Returns None without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = stages["stages"]
+    x = [r["stage"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(x, [r["hard_share"] for r in rows], "o-", label="rows voted by the stage")
+    ax1.plot(x, [(r.get("check") or {}).get("hard_share") for r in rows], "s--", label="held-out check slice")
+    ax1.set(title="LLM (hard-row) share", xlabel="stage", ylabel="share of rows", ylim=(0, 1))
+    ax1.legend()
+    names = sorted({n for r in rows for n in ((r.get("check") or {}).get("specialists") or {})})
+    for n in names:
+        ax2.plot(x, [((r.get("check") or {}).get("specialists") or {}).get(n) for r in rows], "o-", label=n)
+    if any(r.get("consensus_accuracy") is not None for r in rows):
+        ax2.plot(x, [r.get("consensus_accuracy") for r in rows], "k^-", label="consensus rows (gold)")
+    src = next(((r.get("check") or {}).get("source") for r in rows if (r.get("check") or {}).get("rows")), None)
+    ax2.set(title=f"accuracy (check slice: {src or 'none'})", xlabel="stage", ylabel="accuracy", ylim=(0, 1))
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

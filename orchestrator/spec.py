@@ -69,13 +69,35 @@ class SeedConfig(_Strict):
 class RuntimeConfig(_Strict):
     address: str | None = None  # None: start a local Ray cluster; "auto" or ray://... to join one
     num_cpus: int | None = None  # logical CPUs for a local cluster (None: cores + headroom)
-    vote_actors: int = Field(default=1, ge=1)
+    vote_actors: int = Field(default=1, ge=1)  # only with stages off; with stages on, voting runs in the controller actors
     vote_batch_size: int = Field(default=128, ge=1)
     controller_actors: int = Field(default=1, ge=1)
     shard_rows: int = Field(default=1000, ge=1)  # rows per staged input shard (a resume unit)
     train_workers: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     max_vote_chars: int = Field(default=20000, ge=100)  # specialists see at most this many characters
+
+
+class StagesConfig(_Strict):
+    """Staged fine-tuning while the job runs: the controller's answers teach the specialists."""
+
+    enabled: bool = True
+    every_rows: int | None = Field(default=200, ge=1)  # new controller-settled rows that start a stage
+    every_fraction: float | None = Field(default=None, gt=0, le=1)  # ... or this fraction of the rows seen
+    max_stages: int | None = Field(default=None, ge=0)
+    replay_ratio: float = Field(default=1.0, ge=0)  # earlier rows replayed per new row (transformers)
+    wait: bool = False  # True: voting pauses while a stage trains; False: it goes on with the old version
+    check_rows: int = Field(default=300, ge=0)  # held-out gold rows that check each stage (with a gold column)
+    validation_fraction: float = Field(default=0.15, ge=0, lt=1)  # controller rows held out when there is no gold
+    min_check_rows: int = Field(default=20, ge=1)  # fewer held-out rows than this: a stage is accepted unchecked
+    rollback_tolerance: float = Field(default=0.01, ge=0, le=1)  # accuracy a stage may lose before rollback
+    recheck: bool = False  # re-vote earlier consensus rows with the final specialists; report changes
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> "StagesConfig":
+        if self.enabled and self.every_rows is None and self.every_fraction is None:
+            raise ValueError("stages.enabled needs stages.every_rows or stages.every_fraction; set one")
+        return self
 
 
 def _default_specialists() -> list[SpecialistConfig]:
@@ -97,6 +119,7 @@ class TaskSpec(_Strict):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     seed: SeedConfig = Field(default_factory=SeedConfig)
     specialists: list[SpecialistConfig] = Field(default_factory=_default_specialists)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
     embedded_llm: EmbeddedLLMConfig = Field(default_factory=EmbeddedLLMConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

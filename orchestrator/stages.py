@@ -210,3 +210,24 @@ class ControllerStage:
         res["completion_tokens"][i] = int(a.get("completion_tokens") or 0)
         res["llm_calls"][i] = int(a.get("calls") or 0)
         res["cached"][i] = bool(a.get("cached"))
+
+
+class LabelStage:
+    """Vote, then ask the controller about the hard rows, in one actor call.
+
+    Used when the specialists learn in stages: as two operators, Ray Data would vote far ahead of
+    the (slow) controller, so most rows would be voted before any stage could help them. Here a row
+    is voted just before it is routed, and every batch started after a swap uses the new weights.
+    """
+
+    def __init__(self, vote: VoteSettings, controller: ControllerSettings, gate=None):
+        self.vote = VoteStage(vote)
+        self.ask = ControllerStage(controller)
+        self.gate = gate  # StageGate actor (stages.wait): hold each batch while a stage trains
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.gate is not None:
+            import ray
+
+            ray.get(self.gate.wait.remote())
+        return self.ask(self.vote(batch))

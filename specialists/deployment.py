@@ -1,9 +1,10 @@
 """The specialist replica: the logic behind one specialist's Ray Serve deployment.
 
 A plain class (usable and testable without Ray). ``cluster/deploy.py`` wraps it with
-``serve.deployment``. Weights come from ``user_config = {"checkpoint": <dir>}``: redeploying with a
-new checkpoint calls :meth:`reconfigure` on each replica, which is how a new stage's weights are
-swapped in without dropping requests.
+``serve.deployment``. Weights come from ``user_config = {"checkpoint": <dir>}``, applied by
+:meth:`reconfigure`. Redeploying with a new checkpoint (a new stage) is a rolling update: Serve
+starts replicas that load the new checkpoint and drains the old ones, so requests in flight finish
+on the old weights and none is dropped (``tests/integration/test_staged_learning.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class SpecialistReplica:
         self._checkpoint: str | None = None
 
     def reconfigure(self, user_config: dict) -> None:
+        """Load the new checkpoint fully, then switch with one assignment: calls in flight finish on
+        the old weights, calls after this returns use the new ones."""
         checkpoint = user_config["checkpoint"]
         if checkpoint != self._checkpoint:
             self._specialist = load_specialist(checkpoint)
@@ -29,10 +32,11 @@ class SpecialistReplica:
 
     def predict(self, texts: list[str]) -> dict:
         """Probabilities over the task labels for a whole batch of texts (callers batch, not Serve)."""
-        if self._specialist is None:
+        specialist = self._specialist  # one read: a swap during this call does not mix two versions
+        if specialist is None:
             raise RuntimeError("replica has no checkpoint yet: deploy it with user_config={'checkpoint': dir}")
-        probs = self._specialist.predict_proba(list(texts)) if texts else np.zeros((0, len(self._specialist.labels)))
-        return {"probs": np.asarray(probs, dtype=np.float32), "version": self._specialist.version}
+        probs = specialist.predict_proba(list(texts)) if texts else np.zeros((0, len(specialist.labels)))
+        return {"probs": np.asarray(probs, dtype=np.float32), "version": specialist.version}
 
     def info(self) -> dict:
         s = self._specialist

@@ -210,9 +210,12 @@ def fine_tune_transformer(
     if result.checkpoint is None:
         raise SpecialistError(f"fine-tuning specialist {config.name!r} finished without a checkpoint under {result.path}")
     out = Path(output_dir)
+    tmp = out.with_name(out.name + ".tmp")  # copied whole, then renamed: a kill never leaves half a checkpoint
     with result.checkpoint.as_directory() as ckpt:
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(ckpt, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return str(out)
 

@@ -1,18 +1,26 @@
-"""One training stage for every specialist of a task: fit, checkpoint, return the checkpoint dirs.
+"""Training stages for every specialist of a task: fit, checkpoint, check, and roll back.
 
-Linear specialists (TF-IDF, embeddings) refit in-process in seconds; transformer specialists are
-fine-tuned on Ray Train (``training/finetune.py``); off-the-shelf classifiers with a label map need
-no training and are checkpointed as they are. Checkpoints live at
-``<run_dir>/checkpoints/<specialist>/stage-<k>`` so a resumed run reuses a finished stage.
+Stage 0 trains on the seed set (:func:`train_stage`). Each later stage (:func:`run_stage`) learns
+from the hard rows the controller settled since the last stage (``training/buffer.py``):
+transformer specialists continue from their deployed checkpoint on Ray Train, on the new rows mixed
+with a replay sample of earlier rows and the seed set (``replay_ratio`` replayed rows per new row;
+0 is the AutoAnnotator reference, which trains on the newest hard rows only); linear specialists
+refit on everything in seconds; off-the-shelf classifiers keep their checkpoint. Each new checkpoint
+is checked on a held-out slice (gold rows, or controller rows kept out of training) against the one
+it would replace, and a specialist that got worse is rolled back. Checkpoints live at
+``<run_dir>/checkpoints/<specialist>/stage-<k>``.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.registry import build_specialist
@@ -50,11 +58,19 @@ def train_stage(
     stage: int = 0,
     train_workers: int = 1,
     use_gpu: bool = False,
+    init_checkpoints: dict[str, str] | None = None,
+    transformer_data: tuple[list[str], list[str]] | None = None,
+    train_seconds: dict[str, float] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
-    """Train each specialist on (texts, labels), labels balanced; returns {name: checkpoint directory}."""
+    """Train each specialist on (texts, labels), labels balanced; returns {name: checkpoint directory}.
+
+    Later stages pass ``init_checkpoints`` (the specialists now deployed): transformer kinds then
+    continue from them on ``transformer_data`` (new rows plus replay) instead of (texts, labels), and
+    kinds that need no training keep their checkpoint. Linear kinds always refit on (texts, labels).
+    ``train_seconds`` receives each specialist's training wall time.
+    """
     out: dict[str, str] = {}
-    weights = balanced_weights(labels)
     for config in configs:
         target = checkpoint_dir(run_dir, config.name, stage)
         if is_complete(target):
@@ -62,25 +78,162 @@ def train_stage(
             out[config.name] = str(target)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
+        init = (init_checkpoints or {}).get(config.name)
+        t = time.monotonic()
         if config.kind == "transformer_classifier":
-            log(f"  {config.name}: fine-tuning {config.model} on {len(texts)} rows with Ray Train "
-                f"({train_workers} worker(s), {'GPU' if use_gpu else 'CPU'})")
+            x, y = transformer_data if (init and transformer_data) else (texts, labels)
+            log(f"  {config.name}: fine-tuning {config.model} on {len(x)} rows with Ray Train "
+                f"({train_workers} worker(s), {'GPU' if use_gpu else 'CPU'})"
+                + (f", from {Path(init).name}" if init else ""))
             path = fine_tune_transformer(
-                config, texts, labels, label_names=label_names, output_dir=str(target),
-                num_workers=train_workers, use_gpu=use_gpu,
-                storage_path=str(Path(run_dir).resolve() / "train"), sample_weight=weights,
+                config, x, y, label_names=label_names, output_dir=str(target),
+                num_workers=train_workers, use_gpu=use_gpu, init_checkpoint=init, seed=stage,
+                storage_path=str(Path(run_dir).resolve() / "train"), sample_weight=balanced_weights(y),
             )
             out[config.name] = str(path)
+            if train_seconds is not None:
+                train_seconds[config.name] = time.monotonic() - t
             continue
         specialist = build_specialist(config, label_names)
+        if not specialist.trainable and init:
+            out[config.name] = init  # nothing to learn: the deployed checkpoint stays
+            continue
         if specialist.trainable:
             log(f"  {config.name}: fitting {config.kind} on {len(texts)} rows")
-            specialist.fit(texts, labels, sample_weight=weights)
+            specialist.fit(texts, labels, sample_weight=balanced_weights(labels))
         else:
             log(f"  {config.name}: {config.kind} {config.model} needs no training")
+        if train_seconds is not None:
+            train_seconds[config.name] = time.monotonic() - t
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
         specialist.save(tmp)
         tmp.rename(target)
         out[config.name] = str(target)
     return out
+
+
+@dataclass
+class CheckSet:
+    """Held-out rows that judge a stage: gold rows, or controller rows never trained on."""
+
+    texts: list[str]
+    labels: list[str]
+    source: str  # "gold" or "controller"
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], rule: str = "unanimity",
+             rule_kwargs: dict | None = None) -> dict:
+    """Each specialist's accuracy on the check rows, and what the voting rule makes of them together:
+    the share of hard rows and the accuracy of the consensus rows."""
+    from labelwright.orchestrator.voting import get_rule
+    from labelwright.specialists.registry import load_specialist
+
+    if not len(check):
+        return {"rows": 0, "source": check.source, "specialists": {}, "hard_share": None, "consensus_accuracy": None}
+    gold = np.array(check.labels, dtype=object)
+    probs, acc = [], {}
+    for name, path in checkpoints.items():
+        p = np.asarray(load_specialist(path).predict_proba(check.texts), dtype=np.float64)
+        probs.append(p)
+        acc[name] = float(np.mean(np.array(label_names, dtype=object)[p.argmax(1)] == gold))
+    votes = get_rule(rule)(np.stack(probs), **(rule_kwargs or {}))
+    easy = ~votes.hard
+    agreed = np.array(label_names, dtype=object)[votes.leading]
+    return {
+        "rows": len(check), "source": check.source, "specialists": acc,
+        "hard_share": float(np.mean(votes.hard)),
+        "consensus_accuracy": float(np.mean(agreed[easy] == gold[easy])) if easy.any() else None,
+    }
+
+
+def replay_sample(pool_texts: list[str], pool_labels: list[str], n: int, *, seed: int) -> tuple[list[str], list[str]]:
+    """``n`` rows drawn without replacement from the earlier rows (all of them when there are fewer)."""
+    if n <= 0 or not pool_texts:
+        return [], []
+    idx = np.random.default_rng(seed).permutation(len(pool_texts))[:n]
+    return [pool_texts[i] for i in idx], [pool_labels[i] for i in idx]
+
+
+def run_stage(
+    configs: Sequence[SpecialistConfig],
+    *,
+    stage: int,
+    deployed: dict[str, str],
+    seed_texts: list[str],
+    seed_labels: list[str],
+    buffer: pd.DataFrame,
+    since_seq: int,
+    upto_seq: int | None = None,
+    replay_ratio: float,
+    check: CheckSet,
+    label_names: list[str],
+    run_dir: str | Path,
+    rule: str = "unanimity",
+    rule_kwargs: dict | None = None,
+    tolerance: float = 0.01,
+    min_check_rows: int = 20,
+    train_workers: int = 1,
+    use_gpu: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train stage ``stage`` from the buffer rows that arrived after ``since_seq`` (up to ``upto_seq``
+    if given); return its record.
+
+    ``buffer`` holds only rows that may be trained on (no held-out rows). The record's
+    ``checkpoints`` are what to deploy: the new checkpoint of each specialist that did not get
+    worse on ``check``, the deployed one for the others (listed in ``rolled_back``).
+    """
+    if upto_seq is not None:
+        buffer = buffer[buffer["seq"] <= upto_seq]
+    new = buffer[buffer["seq"] > since_seq]
+    old = buffer[buffer["seq"] <= since_seq]
+    all_texts = seed_texts + buffer["text"].tolist()
+    all_labels = seed_labels + buffer["label"].tolist()
+    n_replay = int(round(replay_ratio * len(new)))
+    rep_x, rep_y = replay_sample(seed_texts + old["text"].tolist(), seed_labels + old["label"].tolist(),
+                                 n_replay, seed=stage)
+    transformer_data = (new["text"].tolist() + rep_x, new["label"].tolist() + rep_y)
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    candidates = train_stage(
+        configs, all_texts, all_labels, label_names=label_names, run_dir=run_dir, stage=stage,
+        train_workers=train_workers, use_gpu=use_gpu, init_checkpoints=deployed,
+        transformer_data=transformer_data, train_seconds=seconds, log=log,
+    )
+    train_s = time.monotonic() - t0
+    before = evaluate(deployed, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs)
+    after = evaluate(candidates, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs)
+    accepted, rolled_back = dict(candidates), []
+    checked = len(check) >= min_check_rows
+    if checked:
+        for name in candidates:
+            if candidates[name] == deployed.get(name):
+                continue
+            if after["specialists"][name] < before["specialists"][name] - tolerance:
+                accepted[name] = deployed[name]
+                rolled_back.append(name)
+                log(f"  {name}: rolled back (accuracy on {len(check)} held-out {check.source} rows "
+                    f"{before['specialists'][name]:.3f} -> {after['specialists'][name]:.3f})")
+    final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, rule=rule,
+                                                   rule_kwargs=rule_kwargs)
+    return {
+        "stage": stage,
+        "new_rows": int(len(new)),
+        "replay_rows": len(rep_x),
+        "transformer_rows": len(transformer_data[0]),
+        "linear_rows": len(all_texts),
+        "upto_seq": upto_seq if upto_seq is not None else (int(buffer["seq"].max()) if len(buffer) else since_seq),
+        "train_s": round(train_s, 2),
+        "train_s_by_specialist": {k: round(v, 2) for k, v in seconds.items()},
+        "candidates": candidates,
+        "checkpoints": accepted,
+        "rolled_back": rolled_back,
+        "checked": checked,
+        "check_before": before,
+        "check_after": after,
+        "check": final,
+    }

@@ -130,9 +130,11 @@ def test_endpoint_dying_mid_run_stops_the_job_then_resumes(ray_cluster, movie, t
 def test_budget_caps_llm_calls(ray_cluster, movie, tmp_path):
     path, df = movie
     with FakeOpenAI(oracle(dict(zip(df["text"], df["label"])))) as server:
-        spec = spec_for(server, budget={"max_llm_calls": 45}, seed={"size": 40})
+        # stages off: the two-operator pipeline (a voting pool, then a controller pool)
+        spec = spec_for(server, budget={"max_llm_calls": 45}, seed={"size": 40}, stages={"enabled": False})
         report = annotate(path, spec=spec, output=tmp_path / "o.parquet")
     res = pd.read_parquet(tmp_path / "o.parquet")
+    assert len(report["stages"]["stages"]) == 1 and res["stage"].dropna().eq(0).all()
     assert report["llm"]["calls"] <= 45 + 8  # one slice of overshoot at most
     budget_rows = res[res["reason"].fillna("").str.contains("budget exhausted")]
     assert len(budget_rows) > 0 and budget_rows["label"].isna().all()

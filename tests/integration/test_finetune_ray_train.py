@@ -33,3 +33,36 @@ def test_fine_tune_on_ray_train_gives_a_loadable_checkpoint(ray_cluster, tiny_be
     # the run's per-epoch losses were reported to Ray Train
     runs = list((tmp_path / "ray_results").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("finetune-tfm-")
+
+
+def test_a_later_stage_continues_on_two_train_workers(ray_cluster, tiny_bert, tmp_path):
+    """Stage 1 of staged learning: the deployed checkpoint is fine-tuned data-parallel on 2 CPU
+    Train workers, on the new rows plus replay, then checked against the held-out rows."""
+    import pandas as pd
+
+    from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
+    from labelwright.training.finetune import train_loop
+    from labelwright.training.stage import CheckSet, checkpoint_dir, run_stage
+
+    config = SpecialistConfig(name="tfm", kind="transformer_classifier", model=tiny_bert, max_length=16,
+                              batch_size=4, epochs=6, lr=3e-3, num_cpus=1)
+    stage0 = TransformerClassifierSpecialist(config, LABELS, seed=0, device="cpu")
+    train_loop(stage0, TEXTS[:6], np.array([LABELS.index(g) for g in GOLD[:6]]), epochs=1)
+    stage0.save(checkpoint_dir(tmp_path, "tfm", 0))
+    deployed = {"tfm": str(checkpoint_dir(tmp_path, "tfm", 0))}
+    buffer = pd.DataFrame({"row": range(18), "id": [str(i) for i in range(18)], "text": TEXTS[6:],
+                           "label": GOLD[6:], "confidence": 0.9, "stage": 0, "seq": range(18), "holdout": False})
+    record = run_stage(
+        [config], stage=1, deployed=deployed, seed_texts=TEXTS[:6], seed_labels=GOLD[:6], buffer=buffer,
+        since_seq=5, replay_ratio=0.5, check=CheckSet(TEXTS[:6], GOLD[:6], "gold"), label_names=LABELS,
+        run_dir=tmp_path, min_check_rows=100, train_workers=2, log=lambda m: None,
+    )
+    # rows with seq > 5 are new (12); replay draws 6 from the seed and the 6 earlier buffer rows
+    assert record["new_rows"] == 12 and record["replay_rows"] == 6 and record["transformer_rows"] == 18
+    assert record["checkpoints"]["tfm"] == str(checkpoint_dir(tmp_path, "tfm", 1))
+    assert record["train_s_by_specialist"]["tfm"] > 0
+    after = load_specialist(record["checkpoints"]["tfm"])
+    assert after.version != stage0.version
+    # 6 check rows are under min_check_rows: measured and reported, but no rollback decision
+    assert not record["checked"] and record["rolled_back"] == []
+    assert 0.0 <= record["check"]["specialists"]["tfm"] <= 1.0

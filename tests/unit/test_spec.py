@@ -59,3 +59,14 @@ def test_bad_files(tmp_path):
     lst.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_task(lst)
+
+
+def test_stage_settings():
+    spec = load_task(None, {"labels": "a,b"})
+    assert spec.stages.enabled and spec.stages.every_rows == 200 and spec.stages.replay_ratio == 1.0
+    with pytest.raises(ConfigError, match=r"stages: .*every_rows or stages.every_fraction"):
+        load_task(None, {"labels": "a,b", "stages": {"every_rows": None}})
+    with pytest.raises(ConfigError, match=r"stages.replay_ratio"):
+        load_task(None, {"labels": "a,b", "stages": {"replay_ratio": -1}})
+    off = load_task(None, {"labels": "a,b", "stages": {"enabled": False, "every_rows": None}})
+    assert not off.stages.enabled

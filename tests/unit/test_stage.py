@@ -10,3 +10,124 @@ def test_balanced_weights_equalise_label_totals():
     assert w[:6].sum() == pytest.approx(w[6:].sum())
     assert w.mean() == pytest.approx(1.0)
     np.testing.assert_allclose(balanced_weights(["a", "b"]), [1.0, 1.0])
+
+
+# ---- hard-sample buffer ----------------------------------------------------------------------------
+
+import pandas as pd  # noqa: E402
+
+from labelwright.orchestrator.report import plot_stages  # noqa: E402
+from labelwright.specialists.base import SpecialistConfig  # noqa: E402
+from labelwright.training.buffer import HardBuffer, held_out  # noqa: E402
+from labelwright.training.stage import CheckSet, evaluate, run_stage, train_stage  # noqa: E402
+
+
+def rows(start, n, label="pos"):
+    return pd.DataFrame({"row": range(start, start + n), "id": [f"r{i}" for i in range(start, start + n)],
+                         "text": [f"text {i}" for i in range(start, start + n)], "label": label, "confidence": 0.9})
+
+
+def test_buffer_survives_restart_without_doubling(tmp_path):
+    buf = HardBuffer(tmp_path / "buffer")
+    assert buf.append(rows(0, 5), stage=0) == 5
+    assert buf.append(rows(3, 5), stage=1) == 3  # rows 3 and 4 are already kept
+    assert buf.last_seq == 7
+    # A batch the killed run was writing (never renamed into place) is dropped on reopen.
+    (tmp_path / "buffer" / "batch-000099.parquet.tmp").write_bytes(b"half a file")
+    again = HardBuffer(tmp_path / "buffer")
+    f = again.frame()
+    assert f["row"].tolist() == list(range(8)) and f["row"].is_unique
+    assert f["stage"].tolist() == [0] * 5 + [1] * 3
+    assert not list((tmp_path / "buffer").glob("*.tmp"))
+    # The resumed run re-asks rows 6..9: only 8 and 9 are new; seq continues.
+    assert again.append(rows(6, 4), stage=1) == 2
+    assert again.frame()["seq"].tolist() == list(range(10))
+    assert again.new_since(7) == 2
+    assert len(HardBuffer(tmp_path / "buffer")) == 10
+
+
+def test_held_out_is_stable_and_near_the_fraction():
+    ids = [f"row-{i}" for i in range(4000)]
+    picks = [held_out(i, 0.2) for i in ids]
+    assert picks == [held_out(i, 0.2) for i in ids]
+    assert 0.17 < np.mean(picks) < 0.23
+    assert not any(held_out(i, 0.0) for i in ids[:100])
+
+
+# ---- stages, check and rollback (linear specialists, in-process) ---------------------------------
+
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def movie_split(datasets_dir):
+    df = pd.read_csv(datasets_dir / "movie_sentiment" / "train.csv").head(700)
+    return df.iloc[:100], df.iloc[100:400], df.iloc[400:700]
+
+
+def test_a_harmful_stage_is_rolled_back_and_a_good_one_kept(movie_split, tmp_path):
+    seed, stream, held = movie_split
+    configs = [SpecialistConfig(name="probe", kind="embedding_linear")]
+    stage0 = train_stage(configs, seed["text"].tolist(), seed["label"].tolist(), label_names=LABELS,
+                         run_dir=tmp_path, stage=0, log=lambda m: None)
+    check = CheckSet(held["text"].tolist(), held["label"].tolist(), "gold")
+
+    def buffer_of(labels):
+        return pd.DataFrame({"row": range(len(stream)), "id": [str(i) for i in range(len(stream))],
+                             "text": stream["text"].tolist(), "label": labels, "confidence": 0.9,
+                             "stage": 0, "seq": range(len(stream)), "holdout": False})
+
+    flipped = [LABELS[1 - LABELS.index(lab)] for lab in stream["label"]]
+    bad = run_stage(configs, stage=1, deployed=stage0, seed_texts=seed["text"].tolist(),
+                    seed_labels=seed["label"].tolist(), buffer=buffer_of(flipped), since_seq=-1, replay_ratio=1.0,
+                    check=check, label_names=LABELS, run_dir=tmp_path, log=lambda m: None)
+    assert bad["rolled_back"] == ["probe"]
+    assert bad["checkpoints"] == stage0 and bad["candidates"]["probe"] != stage0["probe"]
+    assert bad["check_after"]["specialists"]["probe"] < bad["check_before"]["specialists"]["probe"]
+    assert bad["check"] == bad["check_before"]
+
+    good = run_stage(configs, stage=2, deployed=stage0, seed_texts=seed["text"].tolist(),
+                     seed_labels=seed["label"].tolist(), buffer=buffer_of(stream["label"].tolist()), since_seq=-1,
+                     replay_ratio=1.0, check=check, label_names=LABELS, run_dir=tmp_path, log=lambda m: None)
+    assert good["rolled_back"] == [] and good["checkpoints"]["probe"].endswith("stage-2")
+    assert good["check"]["specialists"]["probe"] > good["check_before"]["specialists"]["probe"]
+    assert good["new_rows"] == len(stream) and good["linear_rows"] == len(seed) + len(stream)
+    assert good["replay_rows"] == len(seed)  # replay pool is the seed (no earlier buffer rows): all of it
+
+
+def test_too_few_check_rows_accept_the_stage_unchecked(movie_split, tmp_path):
+    seed, stream, held = movie_split
+    configs = [SpecialistConfig(name="tfidf", kind="tfidf_linear")]
+    stage0 = train_stage(configs, seed["text"].tolist(), seed["label"].tolist(), label_names=LABELS,
+                         run_dir=tmp_path, stage=0, log=lambda m: None)
+    buf = pd.DataFrame({"row": range(50), "id": [str(i) for i in range(50)], "text": stream["text"][:50].tolist(),
+                        "label": "positive", "confidence": 0.9, "stage": 0, "seq": range(50), "holdout": False})
+    rec = run_stage(configs, stage=1, deployed=stage0, seed_texts=seed["text"].tolist(),
+                    seed_labels=seed["label"].tolist(), buffer=buf, since_seq=-1, upto_seq=29, replay_ratio=0.0,
+                    check=CheckSet(held["text"][:5].tolist(), held["label"][:5].tolist(), "controller"),
+                    label_names=LABELS, run_dir=tmp_path, log=lambda m: None)
+    assert not rec["checked"] and rec["rolled_back"] == []
+    assert rec["new_rows"] == 30 and rec["upto_seq"] == 29 and rec["replay_rows"] == 0
+
+
+def test_evaluate_reports_hard_share_and_consensus_accuracy(movie_split, tmp_path):
+    seed, _, held = movie_split
+    configs = [SpecialistConfig(name="a", kind="tfidf_linear"), SpecialistConfig(name="b", kind="tfidf_linear", l2=10.0)]
+    ck = train_stage(configs, seed["text"].tolist(), seed["label"].tolist(), label_names=LABELS,
+                     run_dir=tmp_path, log=lambda m: None)
+    ev = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS)
+    assert ev["rows"] == len(held) and set(ev["specialists"]) == {"a", "b"}
+    assert 0.0 <= ev["hard_share"] <= 1.0 and 0.0 <= ev["consensus_accuracy"] <= 1.0
+    assert evaluate(ck, CheckSet([], [], "controller"), label_names=LABELS)["hard_share"] is None
+
+
+def test_plot_stages_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    stages = {"stages": [
+        {"stage": 0, "hard_share": 0.5, "consensus_accuracy": 0.8,
+         "check": {"rows": 10, "source": "gold", "hard_share": 0.4, "specialists": {"a": 0.7}}},
+        {"stage": 1, "hard_share": 0.3, "consensus_accuracy": None,
+         "check": {"rows": 10, "source": "gold", "hard_share": 0.3, "specialists": {"a": 0.8}}},
+    ]}
+    path = plot_stages(stages, tmp_path / "r.stages.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

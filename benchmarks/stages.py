@@ -1,0 +1,142 @@
+"""Staged learning, measured: the same rows labelled without stages, with stages and replay, and with
+stages but no replay (the AutoAnnotator reference: each stage trains on the newest hard rows only).
+
+    python benchmarks/stages.py --datasets movie_sentiment --rows 2000 --every-rows 200
+    python benchmarks/stages.py --datasets "" --out DIR          # just print the tables so far
+
+For each configuration it prints the per-stage table (rows voted by that stage's specialists, their
+LLM share, consensus accuracy on gold, each specialist's accuracy on the held-out gold slice, Ray
+Train wall time) and the final accuracy, LLM share and tokens; JSON and the stage plots go to --out.
+
+Runs on the embedded local LLM unless --base-url is given. The seed set is picked from the train
+split's texts and labelled by the controller. The three configurations share one controller cache,
+so a row asked the same question twice is paid once: the first configuration's timings are the
+honest ones, and `cache_hits` says how many answers the later ones reused (their LLM share and
+tokens count every row sent to the controller, cached or not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DATASETS = HERE.parent.parent / "shared" / "datasets"
+INSTRUCTIONS = {
+    "movie_sentiment": "Classify the sentiment of this movie review sentence.",
+    "yahoo_topics": "Classify the topic of this question and answer from a Q&A site.",
+    "banking77": "Classify the intent of this banking customer's message.",
+}
+CONFIGS = {
+    "no stages": {"enabled": False},
+    "stages + replay": {"enabled": True, "replay_ratio": 1.0},
+    "stages, no replay": {"enabled": True, "replay_ratio": 0.0},
+    "stages + replay, wait": {"enabled": True, "replay_ratio": 1.0, "wait": True},
+}
+DEFAULT_CONFIGS = "no stages|stages + replay|stages, no replay"
+
+
+def run_config(name: str, stages: dict, sample: Path, work: Path, labels: list[str], dataset: str, args) -> dict:
+    from labelwright.orchestrator.job import annotate
+    from labelwright.orchestrator.spec import load_task
+
+    task = {
+        "labels": labels,
+        "gold_column": "label",
+        "instruction": INSTRUCTIONS.get(dataset, "Classify the text into exactly one of the labels."),
+        "controller": {"cache_path": str(work / "cache.sqlite")},
+        "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
+        "stages": {"every_rows": args.every_rows, "check_rows": args.check_rows, **stages},
+        "runtime": {"vote_batch_size": args.batch_size},
+    }
+    if args.seed_size:
+        task["seed"]["size"] = args.seed_size
+    if args.base_url:
+        task["controller"].update(base_url=args.base_url, model=args.model)
+    slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
+    out = work / slug
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    report = annotate(sample, spec=load_task(None, task), output=out / "labels.parquet",
+                      report_path=out / "report.json")
+    st = report["stages"]["stages"]
+    return {
+        "dataset": dataset, "config": name, "rows": report["rows_in"],
+        "accuracy": report["gold"]["accuracy"], "macro_f1": report["gold"]["macro_f1"],
+        "llm_share": report["llm_share"], "llm_calls": report["llm"]["calls"],
+        "tokens": report["llm"]["prompt_tokens"] + report["llm"]["completion_tokens"],
+        "cache_hits": report["llm"]["cache_hits"], "wall_s": report["wall_s"],
+        "label_s": report["timings_s"].get("label"), "stages": st, "plot": report["stages"].get("plot"),
+        "seed": report["seed"],
+    }
+
+
+def stage_table(result: dict) -> str:
+    lines = [f"### {result['dataset']}: {result['config']} ({result['rows']} rows)", "",
+             "| stage | rows voted | LLM share | consensus acc (gold) | held-out acc per specialist | "
+             "hard share (held-out) | Ray Train / fit s | rolled back |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in result["stages"]:
+        chk = s.get("check") or {}
+        accs = ", ".join(f"{n} {a:.3f}" for n, a in (chk.get("specialists") or {}).items())
+        share = "" if s["hard_share"] is None else f"{s['hard_share']:.0%}"
+        cons = "" if s.get("consensus_accuracy") is None else f"{s['consensus_accuracy']:.3f}"
+        held = "" if chk.get("hard_share") is None else f"{chk['hard_share']:.0%}"
+        lines.append(f"| {s['stage']} | {s['rows']} | {share} | {cons} | {accs} | {held} | "
+                     f"{s.get('train_s') or 0:.0f} | {', '.join(s.get('rolled_back') or []) or '-'} |")
+    return "\n".join(lines)
+
+
+def summary_table(results: list[dict]) -> str:
+    lines = ["| dataset | configuration | rows | stages | accuracy | macro-F1 | LLM share | LLM calls | tokens | "
+             "cache hits | labelling s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['dataset']} | {r['config']} | {r['rows']} | {len(r['stages']) - 1} | {r['accuracy']:.3f} | "
+                     f"{r['macro_f1']:.3f} | {r['llm_share']:.1%} | {r['llm_calls']} | {r['tokens']} | "
+                     f"{r['cache_hits']} | {r['label_s'] or 0:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="movie_sentiment,yahoo_topics")
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--every-rows", type=int, default=200, help="new controller rows that start a stage")
+    ap.add_argument("--check-rows", type=int, default=300, help="held-out gold rows that check each stage")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed-size", type=int, default=None)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="'|'-separated subset of: " + " | ".join(CONFIGS))
+    ap.add_argument("--base-url", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=str(HERE / "results-stages"))
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    for dataset in [d for d in args.datasets.split(",") if d]:
+        test = pd.read_csv(DATASETS / dataset / "test.csv").head(args.rows)
+        labels = sorted(pd.read_csv(DATASETS / dataset / "train.csv")["label"].astype(str).unique())
+        work = out_dir / dataset
+        work.mkdir(parents=True, exist_ok=True)
+        sample = work / "sample.csv"
+        test[["text", "label"]].to_csv(sample, index=False)
+        saved = work / "stages.json"
+        for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
+            result = run_config(name, CONFIGS[name], sample, work, labels, dataset, args)
+            # configurations can be run one at a time: keep the others' results
+            results = [r for r in (json.loads(saved.read_text()) if saved.is_file() else [])
+                       if r["config"] != name or r["rows"] != result["rows"]]
+            saved.write_text(json.dumps(results + [result], indent=2, default=str))
+    results = []
+    for path in sorted(out_dir.glob("*/stages.json")):
+        results += json.loads(path.read_text())
+    print(summary_table(results))
+    for r in results:
+        print()
+        print(stage_table(r))
+
+
+if __name__ == "__main__":
+    main()

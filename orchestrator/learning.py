@@ -1,0 +1,311 @@
+"""Staged learning while the job runs: the controller's answers fine-tune the specialists.
+
+The driver hands every labelled batch to :class:`StagedLearning`. Rows the controller settled go
+to the durable hard-sample buffer (``training/buffer.py``). When enough new rows have gathered, a
+stage trains in a background thread (``training/stage.py``: Ray Train for transformers, refits for
+linear models, check and rollback), while voting goes on with the deployed version (``stages.wait``
+pauses the driver instead). When the stage is done, the stage's own thread rolls its checkpoints
+into the specialists' Serve deployments (a rolling update: new replicas load the checkpoint, old
+ones drain; no request fails), so batches voted afterwards use the new version; every output row
+records the version of each specialist that voted on it.
+
+Stage records are kept in ``<run_dir>/stages.json``; a resumed run deploys the last recorded
+stage's checkpoints and carries on from its buffer position. A stage that was training when the run
+was killed left no record and is trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from labelwright.orchestrator.report import accuracy
+from labelwright.orchestrator.spec import TaskSpec
+from labelwright.specialists.base import read_manifest
+from labelwright.training.buffer import HardBuffer
+from labelwright.training.stage import CheckSet, evaluate, run_stage
+
+RECORDS = "stages.json"
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def versions_of(checkpoints: dict[str, str]) -> dict[str, str]:
+    return {name: read_manifest(path)["version"] for name, path in checkpoints.items()}
+
+
+class StagedLearning:
+    def __init__(
+        self,
+        spec: TaskSpec,
+        *,
+        run_dir: Path,
+        seed_texts: list[str],
+        seed_labels: list[str],
+        stage0: dict[str, str],
+        stage0_train_s: float,
+        check: CheckSet,
+        exclude_rows: set[int],
+        total_rows: int,
+        gpu: bool,
+        swap: Callable[[dict[str, str]], None],
+        log: Callable[[str], None],
+        gate=None,
+    ):
+        self.spec, self.cfg = spec, spec.stages
+        self.run_dir = Path(run_dir)
+        self.seed_texts, self.seed_labels = seed_texts, seed_labels
+        self.check, self.exclude_rows = check, exclude_rows
+        self.total_rows, self.gpu, self.swap_fn, self.log = total_rows, gpu, swap, log
+        self.rule_kwargs = {} if spec.voting.threshold is None else {"threshold": spec.voting.threshold}
+        fraction = self.cfg.validation_fraction if check.source == "controller" else 0.0
+        self.buffer = HardBuffer(self.run_dir / "buffer", validation_fraction=fraction)
+        self.path = self.run_dir / RECORDS
+        self.records: list[dict] = json.loads(self.path.read_text()) if self.path.is_file() else []
+        if not self.records:
+            check0 = self._check_set()
+            self.records.append({
+                "stage": 0, "new_rows": len(seed_texts), "replay_rows": 0, "upto_seq": -1,
+                "train_s": round(stage0_train_s, 2), "checkpoints": dict(stage0), "candidates": dict(stage0),
+                "rolled_back": [], "checked": len(check0) > 0,
+                "check": evaluate(stage0, check0, label_names=spec.label_names, rule=spec.voting.rule,
+                                  rule_kwargs=self.rule_kwargs),
+                "versions": versions_of(stage0), "rows_seen_at_start": 0,
+            })
+            _write_json(self.path, self.records)
+        last = self.records[-1]["stage"]
+        for name in (s.name for s in spec.specialists):  # stages a killed run did not finish
+            for d in (self.run_dir / "checkpoints" / name).glob("stage-*"):
+                suffix = d.name.removeprefix("stage-").removesuffix(".tmp")
+                if suffix.isdigit() and int(suffix) > last:
+                    shutil.rmtree(d, ignore_errors=True)
+        self.deployed = dict(self.records[-1]["checkpoints"])
+        self.rows_seen = 0
+        self.rows_at_last_stage = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelwright-stage")
+        self._future: Future | None = None
+        self._lock = threading.Lock()
+        self.gate = gate  # a StageGate actor when stages.wait: voting pauses while a stage trains
+
+    # ---- state ---------------------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        """The stage whose checkpoints are deployed."""
+        return self.records[-1]["stage"]
+
+    @property
+    def training(self) -> bool:
+        return self._future is not None
+
+    def _check_set(self) -> CheckSet:
+        if self.check.source == "gold":
+            return self.check
+        held = self.buffer.frame()
+        held = held[held["holdout"].astype(bool)]
+        return CheckSet(held["text"].tolist(), held["label"].tolist(), "controller")
+
+    # ---- the driver's hooks --------------------------------------------------------------------
+    def observe(self, batch: pd.DataFrame) -> None:
+        """Called with every labelled batch the job writes: keep the controller's rows, maybe start a stage."""
+        self.rows_seen += len(batch)
+        settled = batch[(batch["decided_by"] == "controller") & ~batch["seed"].astype(bool)
+                        & ~batch["row"].isin(self.exclude_rows)]
+        if len(settled):
+            self.buffer.append(settled[["row", "id", "text", "label", "confidence"]], stage=self.stage)
+        self.poll()
+        if self._should_start():
+            self._start()
+
+    def poll(self) -> None:
+        """Collect a finished stage (its own thread swapped it in). A stage that failed is logged and
+        recorded, and the job goes on with the deployed specialists."""
+        if self._future is None or not self._future.done():
+            return
+        future, self._future = self._future, None
+        exc = future.exception()
+        if exc is not None:
+            self.log(f"stage {self.stage + 1}: failed ({type(exc).__name__}: {exc}); "
+                     f"keeping stage {self.stage}'s specialists")
+            self._record({"stage": self.stage + 1, "failed": f"{type(exc).__name__}: {exc}",
+                          "checkpoints": dict(self.deployed), "rolled_back": [], "upto_seq": self._pending_upto,
+                          "new_rows": 0, "replay_rows": 0, "rows_seen_at_start": self._pending_seen,
+                          "rows_seen_at_swap": self.rows_seen, "versions": versions_of(self.deployed)})
+
+    def finish(self) -> None:
+        """Wait for a stage still training (its checkpoints are kept for a later run) and stop the thread."""
+        if self._future is not None:
+            self.log(f"waiting for stage {self.stage + 1} to finish training")
+            self._future.exception()
+            self.poll()
+        self._pool.shutdown(wait=True)
+
+    def _record(self, record: dict) -> None:
+        with self._lock:
+            self.records.append(record)
+            _write_json(self.path, self.records)
+            self.deployed = dict(record["checkpoints"])
+
+    # ---- stages --------------------------------------------------------------------------------
+    def _should_start(self) -> bool:
+        cfg = self.cfg
+        if not cfg.enabled or self._future is not None:
+            return False
+        if cfg.max_stages is not None and self.stage >= cfg.max_stages:
+            return False
+        since = self.records[-1]["upto_seq"]
+        new = self.buffer.new_since(since)
+        if new == 0:
+            return False
+        left = self.total_rows - self.rows_seen
+        if cfg.every_rows is not None and new >= cfg.every_rows and left >= cfg.every_rows:
+            return True
+        if cfg.every_fraction is not None:
+            step = cfg.every_fraction * self.total_rows
+            return self.rows_seen - self.rows_at_last_stage >= step and left >= step
+        return False
+
+    def _start(self) -> None:
+        stage = self.stage + 1
+        frame = self.buffer.frame()
+        since = self.records[-1]["upto_seq"]
+        self._pending_upto = int(frame["seq"].max())
+        self._pending_seen = self.rows_seen
+        self.rows_at_last_stage = self.rows_seen
+        train = frame[~frame["holdout"].astype(bool)]
+        check = self._check_set()
+        self.log(f"stage {stage}: training on {int((train['seq'] > since).sum())} new controller rows "
+                 f"(buffer {len(frame)}, {len(check)} held-out {check.source} rows to check it); "
+                 f"voting {'waits' if self.gate is not None else 'goes on with stage ' + str(self.stage)}")
+        if self.gate is not None:
+            self.gate.close.remote()
+        self._future = self._pool.submit(self._run, stage, train, since, check)
+
+    def _run(self, stage: int, train: pd.DataFrame, since: int, check: CheckSet) -> None:
+        """The stage's thread: train and check, then roll the accepted checkpoints into Serve. Voting
+        held by ``stages.wait`` resumes however the stage ends (the driver may be waiting on it)."""
+        try:
+            self._train_check_swap(stage, train, since, check)
+        finally:
+            if self.gate is not None:
+                self.gate.open.remote()
+
+    def _train_check_swap(self, stage: int, train: pd.DataFrame, since: int, check: CheckSet) -> None:
+        started = time.monotonic()
+        runtime = self.spec.runtime
+        record = run_stage(
+            self.spec.specialists, stage=stage, deployed=dict(self.deployed),
+            seed_texts=self.seed_texts, seed_labels=self.seed_labels, buffer=train, since_seq=since,
+            upto_seq=self._pending_upto, replay_ratio=self.cfg.replay_ratio, check=check,
+            label_names=self.spec.label_names, run_dir=self.run_dir, rule=self.spec.voting.rule,
+            rule_kwargs=self.rule_kwargs, tolerance=self.cfg.rollback_tolerance,
+            min_check_rows=self.cfg.min_check_rows, train_workers=runtime.train_workers, use_gpu=self.gpu,
+            log=self.log,
+        )
+        changed = {n: p for n, p in record["checkpoints"].items() if p != self.deployed.get(n)}
+        t = time.monotonic()
+        if changed:
+            self.swap_fn(changed)
+        record.update(swap_s=round(time.monotonic() - t, 2), wall_s=round(time.monotonic() - started, 2),
+                      rows_seen_at_start=self._pending_seen, rows_seen_at_swap=self.rows_seen,
+                      versions=versions_of(record["checkpoints"]))
+        self._record(record)
+        msg = f"stage {stage}: deployed ({', '.join(changed) or 'no specialist changed'}) in {record['wall_s']:.0f} s"
+        if record["rolled_back"]:
+            msg += f"; rolled back {', '.join(record['rolled_back'])}"
+        chk = record.get("check") or {}
+        if chk.get("rows"):
+            accs = ", ".join(f"{n} {a:.3f}" for n, a in chk["specialists"].items())
+            msg += f"; on {chk['rows']} held-out {chk['source']} rows: {accs}, hard share {chk['hard_share']:.0%}"
+        self.log(msg)
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def row_stages(self, df: pd.DataFrame, names: list[str]) -> pd.Series:
+        """The stage of the specialists that voted on each row (the newest among them); NA if not voted."""
+        stage_of = {name: {} for name in names}
+        for rec in self.records:
+            for name, version in (rec.get("versions") or {}).items():
+                stage_of.setdefault(name, {}).setdefault(version, rec["stage"])
+        cols = [df[f"version_{n}"].map(stage_of[n]) for n in names if f"version_{n}" in df.columns]
+        if not cols:
+            return pd.Series(pd.NA, index=df.index, dtype="Int64")
+        return pd.concat(cols, axis=1).max(axis=1).astype("Int64")
+
+    def report(self, df: pd.DataFrame) -> dict:
+        """Per-stage metrics: rows voted by each stage's specialists, their hard share, LLM use and,
+        with gold, consensus accuracy; each stage's check on the held-out slice."""
+        voted = df[df["stage"].notna() & ~df["seed"].astype(bool)]
+        out = []
+        for rec in self.records:
+            part = voted[voted["stage"] == rec["stage"]]
+            hard = part["decided_by"] != "consensus"
+            row = {
+                "stage": rec["stage"], "rows": int(len(part)),
+                "hard_share": float(hard.mean()) if len(part) else None,
+                "llm_calls": int(part["llm_calls"].sum()),
+                "llm_tokens": int((part["prompt_tokens"] + part["completion_tokens"]).sum()),
+                "new_rows": rec.get("new_rows"), "replay_rows": rec.get("replay_rows"),
+                "train_s": rec.get("train_s"), "train_s_by_specialist": rec.get("train_s_by_specialist"),
+                "swap_s": rec.get("swap_s"), "rows_seen_at_start": rec.get("rows_seen_at_start"),
+                "rows_seen_at_swap": rec.get("rows_seen_at_swap"),
+                "rolled_back": rec.get("rolled_back", []), "failed": rec.get("failed"),
+                "check": rec.get("check"), "versions": rec.get("versions"),
+            }
+            if "gold" in part.columns and part["gold"].notna().any():
+                cons = part[(part["decided_by"] == "consensus") & part["gold"].notna()]
+                row["consensus_accuracy"] = accuracy(cons["label"], cons["gold"]) if len(cons) else None
+                g = part[part["gold"].notna()]
+                row["accuracy"] = accuracy(g["label"], g["gold"])
+            out.append(row)
+        return {"config": self.cfg.model_dump(), "buffer_rows": len(self.buffer), "stages": out}
+
+
+class StageGate:
+    """Pauses voting while a stage trains (``stages.wait``): label actors wait on it before each batch.
+
+    Run as a Ray actor (``ray.remote(num_cpus=0)(StageGate)``); async so waiters never block open/close.
+    """
+
+    def __init__(self):
+        import asyncio
+
+        self._open = asyncio.Event()
+        self._open.set()
+
+    async def close(self) -> None:
+        self._open.clear()
+
+    async def open(self) -> None:
+        self._open.set()
+
+    async def wait(self) -> None:
+        await self._open.wait()
+
+
+def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0):
+    """A fixed random slice of gold-labelled input rows that checks every stage and is never trained on.
+
+    Returns (CheckSet, set of their row numbers)."""
+    if size <= 0:
+        return CheckSet([], [], "gold"), set()
+    frames = []
+    for shard in staged.shards:
+        d = pd.read_parquet(shard.path, columns=["row", "id", "text", "gold", "skip_reason"])
+        frames.append(d[d["gold"].notna() & d["skip_reason"].isna()][["row", "id", "text", "gold"]])
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "id", "text", "gold"])
+    df = df[~df["id"].astype(str).isin(exclude_ids) & ~df["text"].isin(exclude_texts)]
+    if len(df) > size:
+        df = df.iloc[np.sort(np.random.default_rng(seed).permutation(len(df))[:size])]
+    return CheckSet(df["text"].tolist(), df["gold"].astype(str).tolist(), "gold"), set(df["row"].astype(int))

@@ -1,0 +1,176 @@
+"""Staged learning inside the labelling job, on the session's Ray cluster: the controller's rows go
+to the durable buffer, stages train and are swapped into Serve while the job runs, rows record the
+versions that voted on them, and a resumed run neither loses nor doubles buffer rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from labelwright.orchestrator.job import annotate
+from labelwright.orchestrator.spec import load_task
+from labelwright.training.buffer import HardBuffer
+from tests.fake_openai import FakeOpenAI, oracle
+
+FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
+
+
+@pytest.fixture(scope="module")
+def movie(datasets_dir, tmp_path_factory):
+    df = pd.read_csv(datasets_dir / "movie_sentiment" / "test.csv").head(240).reset_index(drop=True)
+    path = tmp_path_factory.mktemp("movie") / "movie.csv"
+    df.to_csv(path, index=False)
+    return path, df
+
+
+def task(server, **stages) -> dict:
+    return {
+        "labels": ["positive", "negative"],
+        "gold_column": "label",
+        "controller": {"base_url": server.base_url, "model": server.model, "backoff_s": 0.01, "max_retries": 1,
+                       "cache": False},
+        "seed": {"size": 40},
+        "specialists": FAST,
+        "runtime": {"shard_rows": 60, "vote_batch_size": 30},
+        "stages": {"every_rows": 25, "max_stages": 2, "check_rows": 60, "wait": True, **stages},
+    }
+
+
+def test_hot_swap_with_requests_in_flight(ray_cluster, movie, tmp_path):
+    """Redeploying a specialist with a new checkpoint while 4 callers keep sending batches: no call fails,
+    and once the swap returns every call answers with the new version."""
+    from labelwright.cluster.deploy import delete_specialists, deploy_specialists
+    from labelwright.specialists.base import SpecialistConfig
+    from labelwright.specialists.registry import load_specialist
+    from labelwright.training.stage import train_stage
+
+    _, df = movie
+    config = SpecialistConfig(name="tfidf", kind="tfidf_linear")
+    a = train_stage([config], df["text"][:40].tolist(), df["label"][:40].tolist(), label_names=["negative", "positive"],
+                    run_dir=tmp_path, stage=0, log=lambda m: None)
+    b = train_stage([config], df["text"][:200].tolist(), df["label"][:200].tolist(),
+                    label_names=["negative", "positive"], run_dir=tmp_path, stage=1, log=lambda m: None)
+    va, vb = load_specialist(a["tfidf"]).version, load_specialist(b["tfidf"]).version
+    assert va != vb
+    endpoints = deploy_specialists([config], a, app_prefix="swaptest", gpu=False)
+    handle = endpoints["tfidf"].handle()
+    texts = df["text"][:32].tolist()
+    seen: list[tuple[float, str]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def caller():
+        while not stop.is_set():
+            try:
+                seen.append((time.monotonic(), handle.predict.remote(texts).result()["version"]))
+            except BaseException as exc:  # noqa: BLE001 - the test counts every failure
+                errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        deploy_specialists([config], b, app_prefix="swaptest", gpu=False)
+        swapped = time.monotonic()
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        stop.set()
+        delete_specialists(endpoints)
+    assert not errors
+    before = [v for t, v in seen if t < swapped]
+    assert va in before and {v for t, v in seen if t > swapped + 0.2} == {vb}
+
+
+def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(ray_cluster, movie, tmp_path):
+    """1. SIGKILL the job's driver while stage 1 trains. 2. Run it again: stages are trained and swapped
+    in while the job runs, rows record the versions that voted on them, the buffer holds each
+    controller row once. 3. Lose the last shard's output and resume: nothing lost or doubled."""
+    path, df = movie
+    truth = dict(zip(df["text"], df["label"]))
+    out, report_path = tmp_path / "out.parquet", tmp_path / "report.json"
+    run_dir = tmp_path / "out.run"
+    with FakeOpenAI(oracle(truth)) as server:
+        task_file = tmp_path / "task.json"
+        task_file.write_text(json.dumps(task(server)))
+        import ray
+
+        address = ray.get_runtime_context().gcs_address  # the session's cluster, not whichever started last
+        cmd = [sys.executable, "-m", "labelwright.orchestrator.cli", "annotate", str(path), "--task", str(task_file),
+               "--output", str(out), "--address", address]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        killed, log = False, []
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:
+            log.append(line)
+            if "stage 1: training" in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            assert time.monotonic() < deadline, "".join(log[-30:])
+        proc.wait(timeout=60)
+        assert killed, "".join(log[-30:])
+        before = HardBuffer(run_dir / "buffer").frame()
+        assert len(before) > 0 and before["row"].is_unique
+        assert [r["stage"] for r in json.loads((run_dir / "stages.json").read_text())] == [0]
+        finished = set()
+        for part in run_dir.glob("parts/part-*.parquet"):
+            finished |= set(pd.read_parquet(part, columns=["row"])["row"])
+
+        report = annotate(path, spec=load_task(task_file, {"stages": {"recheck": True}}), output=out,
+                          report_path=report_path)
+        res = pd.read_parquet(out)
+        assert res["row"].tolist() == list(range(len(df)))
+        stages = report["stages"]["stages"]
+        assert len(stages) >= 2 and [s["stage"] for s in stages] == list(range(len(stages)))
+        assert res["stage"].max() >= 1  # later batches were voted by a later stage's specialists
+        assert sum(s["rows"] for s in stages) == (res["stage"].notna() & ~res["seed"]).sum()
+        for s in stages:  # every row names the versions that voted on it
+            part = res[res["stage"] == s["stage"]]
+            for name in ("tfidf", "probe"):
+                assert (part[f"version_{name}"] == s["versions"][name]).all()
+            assert s["check"]["rows"] == 60 and s["check"]["source"] == "gold" and s["train_s"] is not None
+        assert json.loads((run_dir / "stages.json").read_text())[-1]["stage"] == stages[-1]["stage"]
+        assert Path(report["stages"]["plot"]).is_file()
+        recheck = report["stages"]["recheck"]
+        assert recheck["rows"] == ((res["decided_by"] == "consensus") & (res["stage"] < stages[-1]["stage"])
+                                   & ~res["seed"]).sum()
+        assert res.loc[res["recheck_label"].notna(), "decided_by"].eq("consensus").all()
+
+        # The buffer: each row once, nothing from the killed run lost; every controller row of this
+        # output is there but the held-out gold rows. A row of a shard the killed run had not
+        # finished may have been settled by the controller then and by consensus now: it stays.
+        buffer = HardBuffer(run_dir / "buffer").frame()
+        assert buffer["row"].is_unique and set(before["row"]) <= set(buffer["row"])
+        ctrl = set(res.loc[(res["decided_by"] == "controller") & ~res["seed"], "row"])
+        assert len(ctrl - set(buffer["row"])) <= 60
+        kept = res.set_index("row").loc[sorted(set(buffer["row"]) & finished), "decided_by"]
+        assert (kept == "controller").all()
+        assert report["stages"]["buffer_rows"] == len(buffer)
+
+        # 3. The last shard's output is lost: the rerun redoes it with the last stage's specialists.
+        max(run_dir.glob("parts/part-*.parquet")).unlink()
+        report2 = annotate(path, spec=load_task(task_file), output=out)
+        again = pd.read_parquet(out)
+        assert again["row"].tolist() == list(range(len(df)))
+        buffer2 = HardBuffer(run_dir / "buffer").frame()
+        assert buffer2["row"].is_unique and set(buffer["row"]) <= set(buffer2["row"])
+        redone = again[(again["row"] >= 180) & ~again["seed"]]
+        assert set(buffer2["row"]) - set(buffer["row"]) <= set(redone.loc[redone["decided_by"] == "controller", "row"])
+        assert len(report2["stages"]["stages"]) == len(stages)  # max_stages reached
+        for name in ("tfidf", "probe"):
+            assert (redone[f"version_{name}"] == stages[-1]["versions"][name]).all()

@@ -1,0 +1,123 @@
+"""The stage scheduler without Ray: buffer filling, the trigger, a swap, a failed stage, resume."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+
+import labelwright.orchestrator.learning as learning_mod
+from labelwright.orchestrator.learning import StagedLearning
+from labelwright.orchestrator.spec import load_task
+from labelwright.training.stage import CheckSet, train_stage
+
+LABELS = ["negative", "positive"]
+
+
+class FakeGate:
+    """Stands in for the StageGate actor: records close/open calls."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class _M:
+            def __init__(self, name):
+                self.name = name
+
+            def remote(self):
+                outer.calls.append(self.name)
+
+        self.open, self.close = _M("open"), _M("close")
+
+
+@pytest.fixture(scope="module")
+def movie(datasets_dir):
+    return pd.read_csv(datasets_dir / "movie_sentiment" / "train.csv").head(400)
+
+
+def make(spec, tmp_path, movie, swaps, gate=None):
+    seed = movie.iloc[:60]
+    ck = train_stage(spec.specialists, seed["text"].tolist(), seed["label"].tolist(), label_names=LABELS,
+                     run_dir=tmp_path, stage=0, log=lambda m: None)
+    held = movie.iloc[340:400]
+    return StagedLearning(spec, run_dir=tmp_path, seed_texts=seed["text"].tolist(), seed_labels=seed["label"].tolist(),
+                          stage0=ck, stage0_train_s=0.1, check=CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"),
+                          exclude_rows=set(range(340, 400)), total_rows=400, gpu=False, swap=swaps.append,
+                          log=lambda m: None, gate=gate)
+
+
+def batch(movie, start, stop, decided="controller"):
+    part = movie.iloc[start:stop]
+    return pd.DataFrame({"row": range(start, stop), "id": [str(i) for i in range(start, stop)],
+                         "text": part["text"].tolist(), "label": part["label"].tolist(), "confidence": 0.9,
+                         "decided_by": decided, "seed": False})
+
+
+def wait_idle(learning):
+    deadline = time.monotonic() + 120
+    while learning.training:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        learning.poll()
+
+
+def test_a_stage_starts_swaps_and_is_recorded(tmp_path, movie):
+    spec = load_task(None, {"labels": LABELS, "specialists": [{"name": "tfidf", "kind": "tfidf_linear"}],
+                            "stages": {"every_rows": 50, "wait": True}})
+    swaps, gate = [], FakeGate()
+    learning = make(spec, tmp_path, movie, swaps, gate)
+    learning.observe(batch(movie, 60, 100))
+    assert not learning.training and len(learning.buffer) == 40  # under every_rows
+    learning.observe(batch(movie, 100, 120, decided="consensus"))  # consensus rows are not buffered
+    learning.observe(batch(movie, 120, 140))
+    assert learning.training and gate.calls == ["close"]
+    wait_idle(learning)
+    assert learning.stage == 1 and gate.calls == ["close", "open"]
+    assert swaps == [{"tfidf": str(tmp_path / "checkpoints" / "tfidf" / "stage-1")}] or learning.records[1]["rolled_back"]
+    rec = json.loads((tmp_path / "stages.json").read_text())
+    assert [r["stage"] for r in rec] == [0, 1] and rec[1]["new_rows"] == 60 and rec[1]["upto_seq"] == 59
+    # held-out gold rows never reach the buffer
+    learning.observe(batch(movie, 340, 400))
+    assert len(learning.buffer) == 60
+    learning.finish()
+
+    # a resumed run picks up the recorded stage and the buffer position
+    again = make(spec, tmp_path, movie, [])
+    assert again.stage == 1 and again.deployed == learning.deployed and len(again.buffer) == 60
+    again.finish()
+
+
+def test_a_failed_stage_keeps_the_deployed_specialists_and_reopens_voting(tmp_path, movie, monkeypatch):
+    spec = load_task(None, {"labels": LABELS, "specialists": [{"name": "tfidf", "kind": "tfidf_linear"}],
+                            "stages": {"every_rows": 20, "wait": True}})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory on the Train worker")
+
+    monkeypatch.setattr(learning_mod, "run_stage", broken)
+    swaps, gate = [], FakeGate()
+    learning = make(spec, tmp_path, movie, swaps, gate)
+    deployed = dict(learning.deployed)
+    learning.observe(batch(movie, 60, 90))
+    wait_idle(learning)
+    assert gate.calls == ["close", "open"] and swaps == []
+    assert learning.deployed == deployed and learning.records[-1]["failed"].startswith("RuntimeError")
+    # the next stage waits for new rows instead of retrying at once
+    learning.observe(batch(movie, 90, 95))
+    assert not learning.training
+    learning.finish()
+
+
+def test_every_fraction_starts_a_stage_per_share_of_the_input(tmp_path, movie):
+    spec = load_task(None, {"labels": LABELS, "specialists": [{"name": "tfidf", "kind": "tfidf_linear"}],
+                            "stages": {"every_rows": None, "every_fraction": 0.25}})
+    learning = make(spec, tmp_path, movie, [])
+    learning.observe(batch(movie, 60, 140, decided="consensus"))  # 80 rows seen, no new controller rows
+    assert not learning.training
+    learning.observe(batch(movie, 140, 165))  # 105 rows seen >= 25% of 400, new rows present
+    assert learning.training
+    wait_idle(learning)
+    learning.finish()
