@@ -303,7 +303,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
 
     base = Path(report_path) if report_path else output
     plot = plot_stages(stages_report, base.with_name(base.stem + ".stages.png"))
-    report["stages"]["plot"] = str(plot) if plot else None
+    report["stages"]["plot"] = str(plot)
     if report_path:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(json.dumps(report, indent=2, default=str))

@@ -162,20 +162,18 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_stages(stages: dict, path: str | Path) -> Path | None:
+def plot_stages(stages: dict, path: str | Path) -> Path:
     """PNG of the per-stage figures: LLM (hard-row) share and accuracy, stage by stage.
 
     Left: share of rows sent to the controller among the rows each stage's specialists voted on,
     and the hard share on the held-out check slice. Right: each specialist's accuracy on the check
-    slice and, with gold, the accuracy of the consensus rows. Returns None without matplotlib.
+    slice and, with gold, the accuracy of the consensus rows.
     """
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = stages["stages"]
     x = [r["stage"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

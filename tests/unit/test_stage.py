@@ -122,7 +122,6 @@ def test_evaluate_reports_hard_share_and_consensus_accuracy(movie_split, tmp_pat
 
 
 def test_plot_stages_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     stages = {"stages": [
         {"stage": 0, "hard_share": 0.5, "consensus_accuracy": 0.8,
          "check": {"rows": 10, "source": "gold", "hard_share": 0.4, "specialists": {"a": 0.7}}},
