@@ -16,6 +16,16 @@ def datasets_dir() -> Path:
     return DATASETS
 
 
+def movie_slice(datasets_dir: Path, directory: Path, rows: int):
+    """The first ``rows`` movie_sentiment test rows as a CSV in ``directory``; returns (path, frame)."""
+    import pandas as pd
+
+    df = pd.read_csv(datasets_dir / "movie_sentiment" / "test.csv").head(rows).reset_index(drop=True)
+    path = directory / "movie.csv"
+    df.to_csv(path, index=False)
+    return path, df
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A local Ray cluster shared by every integration test; shut down at the end of the session."""

@@ -12,6 +12,7 @@ from labelwright.orchestrator.cli import main
 from labelwright.orchestrator.errors import ControllerError
 from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.spec import load_task
+from tests.conftest import movie_slice
 from tests.fake_openai import FakeOpenAI, HTTPError, garbage, http_error, oracle, script
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
@@ -19,10 +20,7 @@ FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "em
 
 @pytest.fixture(scope="module")
 def movie(datasets_dir, tmp_path_factory):
-    df = pd.read_csv(datasets_dir / "movie_sentiment" / "test.csv").head(160).reset_index(drop=True)
-    path = tmp_path_factory.mktemp("movie") / "movie.csv"
-    df.to_csv(path, index=False)
-    return path, df
+    return movie_slice(datasets_dir, tmp_path_factory.mktemp("movie"), 160)
 
 
 def spec_for(server, **extra):

@@ -19,6 +19,7 @@ import pytest
 from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.spec import load_task
 from labelwright.training.buffer import HardBuffer
+from tests.conftest import movie_slice
 from tests.fake_openai import FakeOpenAI, oracle
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
@@ -26,10 +27,7 @@ FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "em
 
 @pytest.fixture(scope="module")
 def movie(datasets_dir, tmp_path_factory):
-    df = pd.read_csv(datasets_dir / "movie_sentiment" / "test.csv").head(240).reset_index(drop=True)
-    path = tmp_path_factory.mktemp("movie") / "movie.csv"
-    df.to_csv(path, index=False)
-    return path, df
+    return movie_slice(datasets_dir, tmp_path_factory.mktemp("movie"), 240)
 
 
 def task(server, **stages) -> dict:
