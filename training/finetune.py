@@ -144,8 +144,17 @@ def _ray_train_func(loop_config: dict) -> None:
     train_loop(
         spec, loop_config["texts"], np.asarray(loop_config["y"]), np.asarray(loop_config["w"]),
         epochs=epochs, seed=loop_config["seed"], rank=rank, world_size=world_size,
-        wrap_model=ray.train.torch.prepare_model, on_epoch=on_epoch,
+        wrap_model=_prepare_ddp, on_epoch=on_epoch,
     )
+
+
+def _prepare_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """Ray Train's DDP wrapping. Encoders loaded with ``AutoModel`` keep parts the classifier never
+    uses (BERT's pooler under mean pooling); DDP must be told, or a second worker fails at the
+    second step with "parameters that did not receive grad"."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
 
 
 def _initial_specialist(config: SpecialistConfig, label_names: list[str], init_checkpoint: str | None,
