@@ -169,6 +169,10 @@ def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(
         assert buffer2["row"].is_unique and set(buffer["row"]) <= set(buffer2["row"])
         redone = again[(again["row"] >= 180) & ~again["seed"]]
         assert set(buffer2["row"]) - set(buffer["row"]) <= set(redone.loc[redone["decided_by"] == "controller", "row"])
-        assert len(report2["stages"]["stages"]) == len(stages)  # max_stages reached
-        for name in ("tfidf", "probe"):
-            assert (redone[f"version_{name}"] == stages[-1]["versions"][name]).all()
+        # Earlier stages are kept as recorded; the re-asked rows may start one more stage (max_stages 2).
+        stages2 = report2["stages"]["stages"]
+        assert [s["versions"] for s in stages2[: len(stages)]] == [s["versions"] for s in stages]
+        assert len(stages) <= len(stages2) <= 3
+        # The redone shard is voted by the last stage deployed before the resume, or a later one.
+        allowed = {tuple(s["versions"][n] for n in ("tfidf", "probe")) for s in stages2[len(stages) - 1:]}
+        assert set(zip(redone["version_tfidf"], redone["version_probe"])) <= allowed
