@@ -43,6 +43,13 @@ def task(server, **stages) -> dict:
     }
 
 
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
 def test_hot_swap_with_requests_in_flight(ray_cluster, movie, tmp_path):
     """Redeploying a specialist with a new checkpoint while 4 callers keep sending batches: no call fails,
     and once the swap returns every call answers with the new version."""
@@ -77,10 +84,10 @@ def test_hot_swap_with_requests_in_flight(ray_cluster, movie, tmp_path):
     try:
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        wait_until(lambda: len(seen) >= 4)  # calls are in flight on the old version
         deploy_specialists([config], b, app_prefix="swaptest", gpu=False)
         swapped = time.monotonic()
-        time.sleep(1.0)
+        wait_until(lambda: sum(t > swapped + 0.2 for t, _ in seen) >= 4)
         stop.set()
         for t in threads:
             t.join(timeout=30)
