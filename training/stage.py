@@ -126,9 +126,10 @@ class CheckSet:
 
 
 def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], rule: str = "unanimity",
-             rule_kwargs: dict | None = None) -> dict:
+             rule_kwargs: dict | None = None, probs_cache: dict[str, np.ndarray] | None = None) -> dict:
     """Each specialist's accuracy on the check rows, and what the voting rule makes of them together:
-    the share of hard rows and the accuracy of the consensus rows."""
+    the share of hard rows and the accuracy of the consensus rows. ``probs_cache`` (checkpoint path ->
+    probabilities on these rows) lets several evaluations of one stage load and run each checkpoint once."""
     from labelwright.orchestrator.voting import get_rule
     from labelwright.specialists.registry import load_specialist
 
@@ -136,8 +137,11 @@ def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[
         return {"rows": 0, "source": check.source, "specialists": {}, "hard_share": None, "consensus_accuracy": None}
     gold = np.array(check.labels, dtype=object)
     probs, acc = [], {}
+    cache = {} if probs_cache is None else probs_cache
     for name, path in checkpoints.items():
-        p = np.asarray(load_specialist(path).predict_proba(check.texts), dtype=np.float64)
+        if path not in cache:
+            cache[path] = np.asarray(load_specialist(path).predict_proba(check.texts), dtype=np.float64)
+        p = cache[path]
         probs.append(p)
         acc[name] = float(np.mean(np.array(label_names, dtype=object)[p.argmax(1)] == gold))
     votes = get_rule(rule)(np.stack(probs), **(rule_kwargs or {}))
@@ -205,8 +209,9 @@ def run_stage(
         transformer_data=transformer_data, train_seconds=seconds, log=log,
     )
     train_s = time.monotonic() - t0
-    before = evaluate(deployed, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs)
-    after = evaluate(candidates, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs)
+    probs: dict[str, np.ndarray] = {}  # each checkpoint is loaded and run on the check rows once
+    before = evaluate(deployed, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs, probs_cache=probs)
+    after = evaluate(candidates, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs, probs_cache=probs)
     accepted, rolled_back = dict(candidates), []
     checked = len(check) >= min_check_rows
     if checked:
@@ -219,7 +224,7 @@ def run_stage(
                 log(f"  {name}: rolled back (accuracy on {len(check)} held-out {check.source} rows "
                     f"{before['specialists'][name]:.3f} -> {after['specialists'][name]:.3f})")
     final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, rule=rule,
-                                                   rule_kwargs=rule_kwargs)
+                                                   rule_kwargs=rule_kwargs, probs_cache=probs)
     return {
         "stage": stage,
         "new_rows": int(len(new)),
