@@ -4,8 +4,9 @@ Three separate pieces, as in ``ray.serve.llm``:
 
 1. Logic, no Ray: :class:`LocalLLMEngine` holds a ``transformers`` model and tokenizer and answers
    ``choose`` (constrained choice of one label out of an allowed list, scored in one batched forward pass
-   over the prompt's cached keys/values) and ``generate`` (greedy free text). The maths of the constrained
-   per-token log-probs is the plain function :func:`constrained_logprobs`.
+   over the prompt's cached keys/values) and ``generate`` (greedy free text); ``label_logprobs`` returns every
+   allowed label's log-prob from that same pass (the ``lm_scorer`` specialist uses it). The maths of the
+   constrained per-token log-probs is the plain function :func:`constrained_logprobs`.
 2. Protocol: :func:`build_openai_app` turns any engine with those two methods into a FastAPI app speaking
    the OpenAI chat-completions shape (tests pass a fake engine).
 3. Wiring: :class:`EmbeddedLLMConfig` and :func:`start_embedded_llm` deploy that app on the running Ray
@@ -153,6 +154,17 @@ def _message_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+class _LabelPass(NamedTuple):
+    """What one scoring pass over the allowed labels yields (see ``LocalLLMEngine._score_labels``)."""
+
+    prompt_ids: list[int]
+    prefix_ids: list[int]
+    conts: list[list[int]]  # the tokens of each label's continuation ``<label>"}``
+    token_lps: list[list[float]]  # the model's unconstrained log-prob of each of those tokens
+    first: Any  # log-probs over the vocabulary of continuation token 0 (a tensor)
+    rest: Any  # (labels, width - 1, vocabulary) log-probs of continuation tokens 1.. (a tensor)
+
+
 def answer_prefix(field: str) -> str:
     """The text of the JSON answer up to the opening quote of the value: ``{"<field>": "``."""
     return json.dumps({field: ""})[:-2]
@@ -197,12 +209,11 @@ class LocalLLMEngine:
         return self.tokenizer.decode([token_id])
 
     # -- constrained choice ----------------------------------------------------------------------
-    def choose(self, messages: list[dict], field: str, allowed: list[str]) -> ChoiceResult:
+    def _score_labels(self, messages: list[dict], field: str, labels: list[str]) -> "_LabelPass":
+        """The model's log-probs of each ``<label>"}`` after the prompt and ``{"<field>": "``: one pass over
+        the prompt, then one batched pass over every label's tokens on the prompt's cached keys/values."""
         import torch
 
-        if not allowed:
-            raise ValueError("allowed labels are empty")
-        labels = list(dict.fromkeys(allowed))
         prompt_ids = self._encode(self._prompt_text(messages))
         prefix_ids = self._encode(answer_prefix(field))
         # Continuation of each label as it appears in json.dumps output, closing quote and brace included.
@@ -211,12 +222,14 @@ class LocalLLMEngine:
             raise ValueError("two allowed labels have the same tokens")
         width = max(len(c) for c in conts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = torch.tensor([c + [pad] * (width - len(c)) for c in conts], dtype=torch.long)
+        device = self.model.device
+        batch = torch.tensor([c + [pad] * (width - len(c)) for c in conts], dtype=torch.long, device=device)
 
         with self._lock, torch.inference_mode():
             # Only the last position's logits are needed: skipping the vocabulary projection for the
             # rest of the prompt saves about a quarter of the prefill on a 0.5B model.
-            out = self.model(torch.tensor([prompt_ids + prefix_ids]), use_cache=True, logits_to_keep=1)
+            out = self.model(torch.tensor([prompt_ids + prefix_ids], device=device), use_cache=True,
+                             logits_to_keep=1)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of token 0
             cache = out.past_key_values
             cache.batch_repeat_interleave(len(conts))
@@ -228,11 +241,35 @@ class LocalLLMEngine:
                 lps = [first[cont[0]].item()]
                 lps += [rest[i, j - 1, cont[j]].item() for j in range(1, len(cont))]
                 token_lps.append(lps)
-            totals, steps, mass = constrained_logprobs(conts, token_lps)
-            best = max(range(len(labels)), key=lambda i: sum(token_lps[i]))
-            # Alternatives at each step of the chosen path: the children of the node, conditioned.
-            chosen = conts[best]
-            tops = []
+        return _LabelPass(prompt_ids, prefix_ids, conts, token_lps, first, rest)
+
+    def label_logprobs(self, messages: list[dict], field: str, allowed: list[str]) -> list[float]:
+        """log p(label | the answer is one of ``allowed``) for each label of ``allowed``, in its order.
+
+        The prompt, answer format and scoring are those of :meth:`choose` (whose label is the argmax of
+        these); ``exp`` of the values sums to 1. ``allowed`` must be distinct.
+        """
+        if not allowed:
+            raise ValueError("allowed labels are empty")
+        if len(set(allowed)) != len(allowed):
+            raise ValueError("allowed labels repeat; give each once")
+        scored = self._score_labels(messages, field, list(allowed))
+        totals, _, _ = constrained_logprobs(scored.conts, scored.token_lps)
+        return totals
+
+    def choose(self, messages: list[dict], field: str, allowed: list[str]) -> ChoiceResult:
+        import torch
+
+        if not allowed:
+            raise ValueError("allowed labels are empty")
+        labels = list(dict.fromkeys(allowed))
+        prompt_ids, prefix_ids, conts, token_lps, first, rest = self._score_labels(messages, field, labels)
+        totals, steps, mass = constrained_logprobs(conts, token_lps)
+        best = max(range(len(labels)), key=lambda i: sum(token_lps[i]))
+        # Alternatives at each step of the chosen path: the children of the node, conditioned.
+        chosen = conts[best]
+        tops = []
+        with torch.inference_mode():
             for j in range(len(chosen)):
                 node = tuple(chosen[:j])
                 dist = first if j == 0 else rest[best, j - 1]

@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from labelwright.orchestrator.errors import SpecialistError
 
 MANIFEST = "specialist.json"
-KINDS = ("tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier")
+KINDS = (
+    "tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier",
+    "embedding_zero_shot", "nli_zero_shot", "lm_scorer",
+)
+# Kinds that use label_texts (label -> verbalisation) and template; the first two fill "{label}" in it.
+ZERO_SHOT_KINDS = ("embedding_zero_shot", "nli_zero_shot", "lm_scorer")
+TEMPLATE_KINDS = ("embedding_zero_shot", "nli_zero_shot")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Texts longer than this many characters per token of max_length are cut before tokenising, so a
 # megabyte-long row costs no more than a normal one (the tokenizer truncates the rest anyway).
@@ -32,9 +38,17 @@ class SpecialistConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str
-    kind: Literal["tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier"]
+    kind: Literal[
+        "tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier",
+        "embedding_zero_shot", "nli_zero_shot", "lm_scorer",
+    ]
     model: str = "minilm"
     label_map: dict[str, str] | None = None
+    # Zero-shot kinds: task label -> how to say it ("a negative review"); default: the label name.
+    label_texts: dict[str, str] | None = None
+    # embedding_zero_shot / nli_zero_shot: the hypothesis around each label text, with "{label}";
+    # lm_scorer: the task instruction of the prompt.
+    template: str | None = None
     max_length: int = Field(128, ge=8, le=4096)
     batch_size: int = Field(32, ge=1)
     epochs: int | None = Field(None, ge=1)
@@ -85,6 +99,33 @@ class SpecialistConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _zero_shot_fields(self) -> "SpecialistConfig":
+        for field in ("label_texts", "template"):
+            if getattr(self, field) is not None and self.kind not in ZERO_SHOT_KINDS:
+                raise ValueError(
+                    f"{field} is only used by the zero-shot kinds {list(ZERO_SHOT_KINDS)}, not {self.kind!r}; "
+                    "remove it"
+                )
+        if self.template is not None:
+            if not self.template.strip():
+                raise ValueError("template is empty: remove it to use the default, or write one")
+            if self.kind in TEMPLATE_KINDS and "{label}" not in self.template:
+                raise ValueError(
+                    f"template {self.template!r} has no '{{label}}' for kind {self.kind!r}; "
+                    "write where the label text goes, e.g. 'This text is about {label}.'"
+                )
+        empty = sorted(label for label, text in (self.label_texts or {}).items() if not text.strip())
+        if empty:
+            raise ValueError(f"label_texts gives empty texts for {empty}; give each a phrase or leave it out")
+        if self.kind in ("nli_zero_shot", "lm_scorer") and self.model == "minilm":
+            need = ("an NLI classifier such as 'cross-encoder/nli-deberta-v3-small' or a local directory"
+                    if self.kind == "nli_zero_shot" else
+                    "a causal LM: 'qwen2.5-coder-0.5b-instruct', 'smollm2-135m-instruct' or a local directory")
+            raise ValueError(f"model 'minilm' is a sentence encoder, which kind {self.kind!r} cannot use; "
+                             f"set model to {need}")
+        return self
+
 
 class Specialist(ABC):
     """Texts in, probabilities over ``labels`` out. Subclasses set ``kind`` and ``version``."""
@@ -98,6 +139,12 @@ class Specialist(ABC):
         if len(set(labels)) != len(labels):
             dupes = sorted({x for x in labels if labels.count(x) > 1})
             raise SpecialistError(f"specialist {config.name!r}: task labels repeat {dupes}; make them unique")
+        unknown = sorted(set(config.label_texts or {}) - set(labels))
+        if unknown:
+            raise SpecialistError(
+                f"specialist {config.name!r}: label_texts names {unknown}, which are not task labels; "
+                f"use only task labels {labels}"
+            )
         self.config = config
         self.name = config.name
         self.labels = labels
@@ -146,6 +193,26 @@ class Specialist(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, labels={len(self.labels)})"
+
+
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, returned as float32 (rows sum to 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores - scores.max(axis=1, keepdims=True)
+    probs = np.exp(scores)
+    return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def verbalise_labels(labels: Sequence[str], label_texts: dict[str, str] | None) -> list[str]:
+    """How each label is said to a zero-shot model: its ``label_texts`` entry, else its name with '_'/'-' as spaces."""
+    label_texts = label_texts or {}
+    return [label_texts.get(label) or " ".join(label.replace("_", " ").replace("-", " ").split()) or label
+            for label in labels]
+
+
+def fill_template(template: str, texts: Sequence[str]) -> list[str]:
+    """``template`` with "{label}" replaced by each text (plain replacement: other braces stay as written)."""
+    return [template.replace("{label}", text) for text in texts]
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

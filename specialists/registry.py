@@ -11,12 +11,16 @@ from labelwright.specialists.base import KINDS, Specialist, SpecialistConfig, re
 
 def _classes() -> dict[str, type[Specialist]]:
     from labelwright.specialists.embedding_linear import EmbeddingLinearSpecialist
+    from labelwright.specialists.embedding_zero_shot import EmbeddingZeroShotSpecialist
     from labelwright.specialists.hf_classifier import HFClassifierSpecialist
+    from labelwright.specialists.lm_scorer import LMScorerSpecialist
+    from labelwright.specialists.nli_zero_shot import NLIZeroShotSpecialist
     from labelwright.specialists.tfidf_linear import TfidfLinearSpecialist
     from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
 
     return {cls.kind: cls for cls in (
         TfidfLinearSpecialist, EmbeddingLinearSpecialist, TransformerClassifierSpecialist, HFClassifierSpecialist,
+        EmbeddingZeroShotSpecialist, NLIZeroShotSpecialist, LMScorerSpecialist,
     )}
 
 
@@ -28,7 +32,7 @@ def specialist_class(kind: str) -> type[Specialist]:
 
 
 def build_specialist(config: SpecialistConfig, labels: Sequence[str]) -> Specialist:
-    """An untrained specialist (ready to predict for ``hf_classifier``)."""
+    """An untrained specialist (ready to predict for the kinds that are not trainable)."""
     return specialist_class(config.kind)(config, list(labels))
 
 
