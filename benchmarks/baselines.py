@@ -4,6 +4,7 @@ the full pipeline. Prints a table (accuracy, LLM share, tokens, rows/s) and writ
     python benchmarks/baselines.py --rows 200                       # all three shared datasets
     python benchmarks/baselines.py --datasets banking77 --rows 200 --seed-size 154
     python benchmarks/baselines.py --datasets ""                    # just print the table so far
+    python benchmarks/baselines.py --datasets yahoo_topics --rows 40 --reuse-pipeline   # redo the rest only
 
 Runs on the embedded local LLM unless --base-url is given. Each dataset's test split is sampled by
 taking its first --rows rows (the shared splits are already shuffled). The seed set is picked from
@@ -80,8 +81,10 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
     test = pd.read_csv(DATASETS / name / "test.csv").head(rows)
     labels = sorted(pd.read_csv(DATASETS / name / "train.csv")["label"].astype(str).unique())
     work = out_dir / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse_pipeline and (work / "report.json").is_file() and (work / "labels.parquet").is_file()
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     sample = work / "sample.csv"
     test[["text", "label"]].to_csv(sample, index=False)
     task = {
@@ -90,6 +93,7 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
         "instruction": args.instruction.get(name, "Classify the text into exactly one of the labels."),
         "controller": {"cache_path": str(work / "cache.sqlite")},
         "voting": {"rule": args.rule},
+        "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
     }
     if args.base_url:
         task["controller"].update(base_url=args.base_url, model=args.model)
@@ -99,7 +103,10 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
     if args.seed_size:
         task["seed"]["size"] = args.seed_size
     spec = load_task(None, task)
-    report = annotate(sample, spec=spec, output=work / "labels.parquet", report_path=work / "report.json")
+    if reuse:  # the pipeline's finished run: measure only what is missing (e.g. the controller alone)
+        report = json.loads((work / "report.json").read_text())
+    else:
+        report = annotate(sample, spec=spec, output=work / "labels.parquet", report_path=work / "report.json")
     df = pd.read_parquet(work / "labels.parquet")
     gold = df["gold"]
     names = [s.name for s in spec.specialists]
@@ -154,6 +161,8 @@ def main() -> None:
     ap.add_argument("--base-url", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--reuse-pipeline", action="store_true",
+                    help="reuse a finished pipeline run in --out (its report and labels) and measure the rest")
     args = ap.parse_args()
     args.instruction = {
         "movie_sentiment": "Classify the sentiment of this movie review sentence.",

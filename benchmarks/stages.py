@@ -52,6 +52,7 @@ def run_config(name: str, stages: dict, sample: Path, work: Path, labels: list[s
         "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
         "stages": {"every_rows": args.every_rows, "check_rows": args.check_rows, **stages},
         "runtime": {"vote_batch_size": args.batch_size},
+        "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
     }
     if args.seed_size:
         task["seed"]["size"] = args.seed_size

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from labelwright.orchestrator.errors import LabelwrightError
+from labelwright.orchestrator.errors import InputDataError, LabelwrightError
 
 
 def _annotate_parser(sub) -> None:
@@ -38,9 +38,46 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="label only the first N rows")
     p.add_argument("--run-dir", help="where checkpoints, the seed set and partial output go (default: OUTPUT.run)")
     p.add_argument("--fresh", action="store_true", help="discard the run directory and start over")
+    p.add_argument("--plan", help="plan file (from `labelwright plan`) naming the specialists; default: the task's "
+                                  "specialists, or a plan made now and saved as OUTPUT.plan.yaml")
+    p.add_argument("--zoo", action="append", help="extra model zoo file (YAML/JSON) for planning; repeatable")
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="have the controller choose specialists from the model zoo (a validated plan file)",
+        description="Ask the controller to choose specialists from the zoo and map their labels; the answer is "
+                    "validated, repaired once, else replaced by a deterministic choice. Run it with "
+                    "`labelwright annotate INPUT --plan PLAN`.",
+    )
+    p.add_argument("input", nargs="?", help="data file: a few of its texts are shown to the planner (as data)")
+    p.add_argument("--output", "-o", required=True, help="plan file to write (.yaml)")
+    p.add_argument("--task", help="task spec file (YAML or JSON)")
+    p.add_argument("--labels", help="comma-separated label set")
+    p.add_argument("--instruction", help="what the labels mean, in a sentence")
+    p.add_argument("--text-column", help="column holding the text (default: text)")
+    p.add_argument("--zoo", action="append", help="extra model zoo file (YAML/JSON); repeatable")
+    p.add_argument("--address", help="Ray cluster for the embedded LLM ('auto', 'ray://...'); default: a local one")
+    p.add_argument("--base-url", help="OpenAI-compatible controller endpoint; default: the embedded local LLM")
+    p.add_argument("--model", help="controller model name at --base-url")
+    p.add_argument("--llm", help="embedded LLM model name or path")
+
+
+def _zoo_parser(sub) -> None:
+    p = sub.add_parser("zoo", help="list the model zoo and what is available offline here")
+    p.add_argument("--zoo", action="append", help="extra model zoo file (YAML/JSON); repeatable")
+    p.add_argument("--task", help="task spec file: its planning settings (zoo entries, model_dirs) apply")
 
 
 def _overrides(a: argparse.Namespace) -> dict:
+    get = lambda name: getattr(a, name, None)  # noqa: E731 - not every command has every flag
+    if a.command != "annotate":
+        o = {"labels": get("labels"), "text_column": get("text_column"), "instruction": get("instruction"),
+             "controller": {"base_url": get("base_url"), "model": get("model")}, "embedded_llm": {"model": get("llm")},
+             "runtime": {"address": get("address")}}
+        return {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+                for k, v in o.items()}
     o: dict = {
         "labels": a.labels, "text_column": a.text_column, "id_column": a.id_column, "gold_column": a.gold_column,
         "instruction": a.instruction,
@@ -58,15 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labelwright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _annotate_parser(sub)
+    _plan_parser(sub)
+    _zoo_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "annotate":
             from labelwright.orchestrator.job import annotate
             from labelwright.orchestrator.spec import load_task
 
-            spec = load_task(args.task, _overrides(args))
+            overrides = _overrides(args)
+            spec = load_task(args.task, overrides)
+            if args.zoo:
+                spec.planning.zoo_files += args.zoo
             annotate(args.input, spec=spec, output=Path(args.output), run_dir=args.run_dir, report_path=args.report,
-                     output_format=args.format, limit=args.limit, fresh=args.fresh)
+                     output_format=args.format, limit=args.limit, fresh=args.fresh, plan_path=args.plan)
+        elif args.command == "plan":
+            _plan_command(args)
+        elif args.command == "zoo":
+            _zoo_command(args)
     except LabelwrightError as exc:
         print(f"labelwright: error: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +120,58 @@ def main(argv: list[str] | None = None) -> int:
         print("labelwright: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _planning_zoo(args, spec):
+    from labelwright.specialists.zoo import load_zoo
+
+    cfg = spec.planning
+    return load_zoo([*cfg.zoo_files, *(args.zoo or [])], entries=cfg.zoo, model_dirs=cfg.model_dirs)
+
+
+def _plan_command(args) -> None:
+    from labelwright.cluster import runtime
+    from labelwright.orchestrator.dataset_io import read_frame
+    from labelwright.orchestrator.job import _log, start_controller
+    from labelwright.orchestrator.plan import make_plan
+    from labelwright.orchestrator.spec import load_task
+    from labelwright.specialists.encoder import Encoder
+
+    spec = load_task(args.task, _overrides(args))
+    zoo = _planning_zoo(args, spec)
+    samples: list[str] = []
+    if args.input and spec.planning.sample_rows:
+        df = read_frame(args.input)
+        if spec.text_column not in df.columns:
+            raise InputDataError(f"{args.input} has no column {spec.text_column!r}; its columns are {list(df.columns)}; "
+                                 "pass --text-column")
+        texts = df[spec.text_column].dropna().astype(str)
+        samples = texts[texts.str.strip() != ""].head(spec.planning.sample_rows).tolist()
+    if spec.controller.base_url is None:
+        runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
+    _, controller = start_controller(spec)
+    plan = make_plan(controller, zoo, labels=spec.label_names, descriptions=spec.descriptions,
+                     instruction=spec.instruction, cfg=spec.planning, samples=samples, encode=Encoder("minilm").encode,
+                     log=_log)
+    path = plan.save(args.output)
+    print(f"plan ({plan.source}): {', '.join(s.zoo_id for s in plan.specialists)}; voting {plan.voting_rule}; "
+          f"written to {path}")
+    for note in plan.notes:
+        print(f"  note: {note}")
+
+
+def _zoo_command(args) -> None:
+    from labelwright.orchestrator.plan import ineligible
+    from labelwright.orchestrator.spec import PlanningConfig, load_task
+
+    spec = load_task(args.task, {"labels": ["a", "b"]} if args.task is None else None)
+    zoo = _planning_zoo(args, spec)
+    cfg = spec.planning if args.task else PlanningConfig(allow_hub=True)
+    print(f"{'id':26} {'kind':20} {'families':24} {'params':>8}  offline  model")
+    for e in zoo:
+        kind = e.kind + (f"/{e.head or e.method}" if (e.head or e.method) else "")
+        print(f"{e.id:26} {kind:20} {','.join(e.families)[:24]:24} {e.params_m:>7g}M  {'yes' if e.offline() else 'no':7}  "
+              f"{e.model}" + (f"  [not plannable: {ineligible(e, cfg)}]" if args.task and ineligible(e, cfg) else ""))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ class _Tally:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    status: int | None = None  # HTTP status of the last refused request
 
 
 class Controller:
@@ -376,7 +377,8 @@ class Controller:
         )
 
     def _request(
-        self, messages: list[dict[str, str]], fmt: dict[str, Any] | None, tally: _Tally
+        self, messages: list[dict[str, str]], fmt: dict[str, Any] | None, tally: _Tally,
+        *, max_tokens: int | None = None, logprobs: bool = True,
     ) -> tuple[Any, str | None]:
         """One chat completion with retries: ``(completion, None)`` or ``(None, reason)``."""
         import openai
@@ -386,11 +388,11 @@ class Controller:
             "model": cfg.model,
             "messages": messages,
             "temperature": cfg.temperature,
-            "max_tokens": cfg.max_tokens,
+            "max_tokens": max_tokens or cfg.max_tokens,
         }
         if fmt is not None:
             kwargs["response_format"] = fmt
-        if cfg.use_logprobs:
+        if cfg.use_logprobs and logprobs:
             kwargs["logprobs"] = True
         last = "no request made"
         for attempt in range(cfg.max_retries + 1):
@@ -415,7 +417,7 @@ class Controller:
             except openai.APIConnectionError as exc:
                 last = f"cannot reach the endpoint {self._where} ({_cause(exc)})"
             except openai.APIStatusError as exc:
-                code = exc.status_code
+                code = tally.status = exc.status_code
                 last = f"the endpoint answered HTTP {code}: {_status_message(exc)}"
                 if code in (401, 403):
                     return None, last + f" (not retried: check the key in ${cfg.api_key_env} and its permissions)"
@@ -430,6 +432,32 @@ class Controller:
                     delay = max(delay, min(retry_after, _MAX_RETRY_AFTER_S))
                 time.sleep(delay)
         return None, f"{_GAVE_UP} {cfg.max_retries + 1} attempts: {last}"
+
+    # ------------------------------------------------------------------ structured answers
+
+    def complete_json(
+        self, messages: list[dict[str, str]], *, schema: dict[str, Any], name: str, max_tokens: int,
+    ) -> tuple[Any, str | None, str | None, dict[str, int]]:
+        """One JSON answer for ``messages`` (a plan, say): ``(parsed or None, raw content, reason, usage)``.
+
+        Asks with ``schema`` as structured output (per ``structured_output``); an endpoint that refuses the
+        schema (HTTP 400/422, as the embedded LLM does for anything but a label enum) is asked once more
+        without it, so the prompt alone carries the format. The caller validates the content.
+        """
+        tally = _Tally()
+        fmt = prompts.schema_format(self.config.structured_output, name, schema)
+        completion, reason = self._request(messages, fmt, tally, max_tokens=max_tokens, logprobs=False)
+        if completion is None and fmt is not None and tally.status in (400, 422):
+            completion, reason = self._request(messages, None, tally, max_tokens=max_tokens, logprobs=False)
+        usage = {"calls": tally.calls, "prompt_tokens": tally.prompt_tokens,
+                 "completion_tokens": tally.completion_tokens}
+        if completion is None:
+            return None, None, reason, usage
+        raw, _ = _content_and_tokens(completion)
+        try:
+            return prompts.parse_json(raw or ""), raw, None, usage
+        except ValueError:
+            return None, raw, "the answer is not JSON", usage
 
     # ------------------------------------------------------------------ many rows
 

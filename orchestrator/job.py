@@ -37,12 +37,15 @@ def default_run_dir(output: Path) -> Path:
     return output.with_name(output.stem + ".run")
 
 
-def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None) -> dict:
+def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None, plan_path=None) -> dict:
     # Settings that may change between a run and its resume are left out (how, not what, to label).
     data = spec.model_dump(mode="json", exclude={"runtime", "budget", "stages"})
     data["controller"].pop("concurrency", None)
     data["controller"].pop("timeout_s", None)
-    return {"input": str(input_path.resolve()), "limit": limit, "task": data}
+    out = {"input": str(input_path.resolve()), "limit": limit, "task": data}
+    if plan_path is not None:
+        out["plan"] = hashlib.sha1(Path(plan_path).read_bytes()).hexdigest() if Path(plan_path).is_file() else None
+    return out
 
 
 def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
@@ -99,6 +102,30 @@ class _Progress:
                  f"LLM on {self.llm / new:.0%} of new rows, specialists at stage {self.stage}, ETA {eta}")
 
 
+def start_controller(spec: TaskSpec, log: Callable[[str], None] = _log):
+    """The controller's config (URL filled in) and a checked :class:`Controller`; starts the embedded LLM
+    on the connected Ray cluster when ``controller.base_url`` is unset."""
+    from labelwright.orchestrator.controller import Controller
+
+    controller_cfg = spec.controller
+    if controller_cfg.base_url is None:
+        from labelwright.cluster.embedded_llm import start_embedded_llm
+
+        log(f"controller: starting the embedded LLM ({spec.embedded_llm.model}) on Ray Serve")
+        base_url = start_embedded_llm(spec.embedded_llm)
+        update = {"base_url": base_url, "model": spec.embedded_llm.model}
+        if "timeout_s" not in controller_cfg.model_fields_set:
+            # One CPU replica answers one request at a time: a queue of `concurrency` requests can
+            # outwait a remote API's timeout, and a timed-out request is computed again on retry.
+            update["timeout_s"] = EMBEDDED_TIMEOUT_S
+        controller_cfg = controller_cfg.model_copy(update=update)
+    log(f"controller: {controller_cfg.model} at {controller_cfg.base_url}")
+    controller = Controller(controller_cfg, labels=spec.label_names, descriptions=spec.descriptions,
+                            instruction=spec.instruction)
+    controller.check_endpoint()
+    return controller_cfg, controller
+
+
 def annotate(
     input_path: str | Path,
     *,
@@ -109,14 +136,18 @@ def annotate(
     output_format: str | None = None,
     limit: int | None = None,
     fresh: bool = False,
+    plan_path: str | Path | None = None,
     log: Callable[[str], None] = _log,
 ) -> dict:
-    """Label every row of ``input_path``; write ``output`` (and ``report_path``); return the report."""
+    """Label every row of ``input_path``; write ``output`` (and ``report_path``); return the report.
+
+    The specialists come from ``plan_path`` (a plan file), else from the task's ``specialists`` list,
+    else from a plan the controller makes now (``planning.mode``); the plan is saved next to the output.
+    """
     from ray.data import DataContext
 
     from labelwright.cluster import runtime
     from labelwright.cluster.deploy import delete_specialists, deploy_specialists
-    from labelwright.orchestrator.controller import Controller
     from labelwright.specialists.encoder import Encoder
     from labelwright.training.stage import train_stage
 
@@ -124,7 +155,7 @@ def annotate(
     timings: dict[str, float] = {}
     input_path, output = Path(input_path), Path(output)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output)
-    _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit), fresh)
+    _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit, plan_path), fresh)
     log(f"run directory: {run_dir}")
 
     t = time.monotonic()
@@ -140,27 +171,18 @@ def annotate(
     gpu = runtime.use_gpu(spec.runtime.use_gpu, info)
     log(f"ray: {info.nodes} node(s), {info.cpus:g} CPU, {info.gpus:g} GPU")
 
-    controller_cfg = spec.controller
     t = time.monotonic()
-    if controller_cfg.base_url is None:
-        from labelwright.cluster.embedded_llm import start_embedded_llm
-
-        log(f"controller: starting the embedded LLM ({spec.embedded_llm.model}) on Ray Serve")
-        base_url = start_embedded_llm(spec.embedded_llm)
-        update = {"base_url": base_url, "model": spec.embedded_llm.model}
-        if "timeout_s" not in controller_cfg.model_fields_set:
-            # One CPU replica answers one request at a time: a queue of `concurrency` requests can
-            # outwait a remote API's timeout, and a timed-out request is computed again on retry.
-            update["timeout_s"] = EMBEDDED_TIMEOUT_S
-        controller_cfg = controller_cfg.model_copy(update=update)
+    controller_cfg, controller = start_controller(spec, log)
     timings["start_controller"] = time.monotonic() - t
-    log(f"controller: {controller_cfg.model} at {controller_cfg.base_url}")
-    controller = Controller(controller_cfg, labels=spec.label_names, descriptions=spec.descriptions,
-                            instruction=spec.instruction)
-    controller.check_endpoint()
+
+    encoder = Encoder("minilm")
+    t = time.monotonic()
+    planned = _plan(spec, staged, controller, encoder, plan_path=plan_path, run_dir=run_dir, log=log)
+    timings["plan"] = time.monotonic() - t
+    if planned is not None:
+        spec = planned.spec
 
     t = time.monotonic()
-    encoder = Encoder("minilm")
     seed = build_seed(staged, spec=spec, controller=controller, encoder=encoder, run_dir=run_dir, log=log)
     timings["seed"] = time.monotonic() - t
     if len(seed) == 0:
@@ -179,6 +201,8 @@ def annotate(
         train_workers=spec.runtime.train_workers, use_gpu=gpu, log=log,
     )
     timings["train"] = time.monotonic() - t
+    if planned is not None:
+        spec, checkpoints = planned.check(spec, seed, checkpoints, output=output, log=log)
 
     app_prefix = "lw-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
     by_name = {c.name: c for c in spec.specialists}
@@ -203,11 +227,92 @@ def annotate(
         return _label_and_report(
             spec, staged, endpoints, seed, controller_cfg, learning,
             run_dir=run_dir, output=output, output_format=output_format, report_path=report_path,
-            timings=timings, t0=t0, log=log,
+            timings=timings, t0=t0, log=log, plan=planned.record() if planned is not None else None,
         )
     finally:
         learning.finish()
         delete_specialists(endpoints)  # free their resources; the embedded LLM stays up for the next job
+
+
+class _Planned:
+    """The plan a job runs: the task with the plan's specialists, and the sample check after the seed."""
+
+    def __init__(self, spec: TaskSpec, plan, zoo, *, run_dir: Path, file: Path | None):
+        from labelwright.orchestrator.plan import Plan
+
+        self.plan: Plan = plan
+        self.zoo = zoo
+        self.run_dir = run_dir
+        self.file = file
+        update = {"specialists": plan.specialist_configs(zoo, spec.descriptions)}
+        if "voting" not in spec.model_fields_set:  # the task's own voting settings win over the plan's rule
+            update["voting"] = spec.voting.model_copy(update={"rule": plan.voting_rule, "weights": None})
+        self.spec = spec.model_copy(update=update)
+        self._apply_drops()
+
+    def _apply_drops(self) -> None:
+        dropped = set((self.plan.check or {}).get("dropped", []))
+        if dropped:
+            keep = [c for c in self.spec.specialists if c.name not in dropped]
+            self.spec = self.spec.model_copy(update={"specialists": keep})
+
+    def check(self, spec: TaskSpec, seed, checkpoints: dict[str, str], *, output: Path, log) -> tuple[TaskSpec, dict]:
+        """Run the sample-driven check once (a resumed run reuses its record); save the plan."""
+        from labelwright.orchestrator.plan import sample_check
+
+        if self.plan.check is None and spec.planning.check:
+            _, self.plan.check = sample_check(
+                self.plan, spec.specialists, checkpoints, self.zoo, texts=seed.texts, labels=seed.labels,
+                label_names=spec.label_names, source=seed.source, cfg=spec.planning, log=log)
+            self._apply_drops()
+        self.plan.save(self.run_dir / "plan.yaml")
+        self.file = self.file or self.plan.save(output.with_name(output.stem + ".plan.yaml"))
+        names = {c.name for c in self.spec.specialists}
+        return self.spec, {n: p for n, p in checkpoints.items() if n in names}
+
+    def record(self) -> dict:
+        return {"source": self.plan.source, "file": str(self.file), "specialists": [s.zoo_id for s in self.plan.specialists],
+                "kept": [c.name for c in self.spec.specialists], "voting_rule": self.plan.voting_rule,
+                "notes": self.plan.notes, "check": self.plan.check, "llm": self.plan.usage}
+
+
+def _plan(spec: TaskSpec, staged: StagedInput, controller, encoder, *, plan_path, run_dir: Path, log) -> _Planned | None:
+    """The plan for this run: ``plan_path``; the one a killed run saved; or a new one. None: no planning."""
+    from labelwright.orchestrator.plan import load_plan, make_plan, validate_plan
+    from labelwright.specialists.zoo import load_zoo
+
+    cfg = spec.planning
+    wanted = cfg.mode == "always" or (cfg.mode == "auto" and "specialists" not in spec.model_fields_set)
+    if plan_path is None and not wanted:
+        return None
+    zoo = load_zoo(cfg.zoo_files, entries=cfg.zoo, model_dirs=cfg.model_dirs)
+    saved = run_dir / "plan.yaml"
+    if plan_path is not None:
+        plan = load_plan(plan_path)
+        errors = validate_plan(plan, zoo, labels=spec.label_names, cfg=cfg)
+        if errors:
+            raise ConfigError(f"plan {plan_path} cannot run here:\n" + "\n".join(f"  - {e}" for e in errors))
+        log(f"plan: {[s.zoo_id for s in plan.specialists]} from {plan_path}")
+    elif saved.is_file():
+        plan = load_plan(saved)
+        log(f"plan: reusing {[s.zoo_id for s in plan.specialists]} from {saved}")
+    else:
+        samples = _sample_texts(staged, cfg.sample_rows)
+        plan = make_plan(controller, zoo, labels=spec.label_names, descriptions=spec.descriptions,
+                         instruction=spec.instruction, cfg=cfg, samples=samples, encode=encoder.encode, log=log)
+        plan.save(saved)
+    return _Planned(spec, plan, zoo, run_dir=run_dir, file=Path(plan_path) if plan_path else None)
+
+
+def _sample_texts(staged: StagedInput, n: int) -> list[str]:
+    """The first ``n`` votable texts of the input (shown to the planner as data)."""
+    out: list[str] = []
+    for shard in staged.shards:
+        if len(out) >= n:
+            break
+        df = pd.read_parquet(shard.path, columns=["text", "skip_reason"])
+        out += df[df["skip_reason"].isna()]["text"].head(n - len(out)).tolist()
+    return out
 
 
 def _staged_learning(spec, staged, seed, checkpoints, *, run_dir, train_s, gpu, swap, gate, log):
@@ -227,7 +332,7 @@ def _staged_learning(spec, staged, seed, checkpoints, *, run_dir, train_s, gpu, 
 
 
 def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *, run_dir, output,
-                      output_format, report_path, timings, t0, log) -> dict:
+                      output_format, report_path, timings, t0, log, plan=None) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -297,7 +402,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
                         **seed.usage()},
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
-               "resumed_shards": len(done_shards), "stages": stages_report},
+               "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan},
     )
     from labelwright.orchestrator.report import plot_stages
 

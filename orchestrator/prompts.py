@@ -117,20 +117,18 @@ def repair_messages(bad_answer: str, problem: str, *, labels: Sequence[str]) -> 
 
 def response_format(mode: StructuredOutput, labels: Sequence[str]) -> dict[str, Any] | None:
     """The ``response_format`` request field for ``mode`` (None: send none, rely on the prompt)."""
+    return schema_format(mode, "label", {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": list(labels)}},
+        "required": ["label"],
+        "additionalProperties": False,
+    })
+
+
+def schema_format(mode: StructuredOutput, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    """``response_format`` asking for JSON that matches ``schema`` (as far as ``mode`` allows)."""
     if mode == "json_schema":
-        return {
-            "type": "json_schema",
-            "json_schema": {
-                "name": "label",
-                "strict": True,
-                "schema": {
-                    "type": "object",
-                    "properties": {"label": {"type": "string", "enum": list(labels)}},
-                    "required": ["label"],
-                    "additionalProperties": False,
-                },
-            },
-        }
+        return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
     if mode == "json_object":
         return {"type": "json_object"}
     return None
@@ -152,6 +150,26 @@ def match_label(candidate: str, labels: Sequence[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def unfence_code(content: str) -> str:
+    """``content`` without a surrounding Markdown code fence."""
+    body = content.strip()
+    fenced = _CODE_FENCE.match(body)
+    return fenced.group(1) if fenced else body
+
+
+def parse_json(content: str) -> Any:
+    """The JSON value of a reply: the whole reply, inside a Markdown code fence, or the first ``{...}``
+    span in prose. Raises ``ValueError`` when there is none."""
+    body = unfence_code(content)
+    try:
+        return json.loads(body)
+    except ValueError:
+        found = _OBJECT.search(body)
+        if found is None:
+            raise
+        return json.loads(found.group(0))
+
+
 def parse_answer(content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
     """``(label, None)`` for a valid answer, ``(None, problem)`` otherwise. Never guesses.
 
@@ -160,24 +178,14 @@ def parse_answer(content: str | None, labels: Sequence[str]) -> tuple[str | None
     """
     if content is None or not content.strip():
         return None, "the reply is empty"
-    body = content.strip()
-    fenced = _CODE_FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
     value: Any
     try:
-        value = json.loads(body)
+        value = parse_json(content)
     except ValueError:
-        found = _OBJECT.search(body)
-        try:
-            value = json.loads(found.group(0)) if found else None
-        except ValueError:
-            value = None
-        if value is None:
-            bare = match_label(body.strip().strip("\"'").strip(), labels)
-            if bare is not None:
-                return bare, None
-            return None, f'the reply is not the JSON object {{"label": ...}} (got {_clip(content)!r})'
+        bare = match_label(unfence_code(content).strip("\"'").strip(), labels)
+        if bare is not None:
+            return bare, None
+        return None, f'the reply is not the JSON object {{"label": ...}} (got {_clip(content)!r})'
     if isinstance(value, dict):
         candidate = value.get("label")
         if not isinstance(candidate, str):

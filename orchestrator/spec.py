@@ -100,6 +100,35 @@ class StagesConfig(_Strict):
         return self
 
 
+class PlanningConfig(_Strict):
+    """How the controller plans the job: which specialists from the zoo, with which label maps."""
+
+    mode: Literal["auto", "always", "never"] = "auto"  # auto: plan unless the task lists its specialists
+    planner: Literal["controller", "similarity"] = "controller"  # similarity: the deterministic choice, no LLM
+    zoo_files: list[str] = Field(default_factory=list)  # extra catalogue files, after the shipped one
+    zoo: list[dict[str, Any]] = Field(default_factory=list)  # extra catalogue entries inline
+    model_dirs: list[str] = Field(default_factory=list)  # the only folders a zoo entry's local model may be in
+    specialists: int = Field(default=3, ge=1, le=8)  # how many the planner is asked to choose
+    min_specialists: int = Field(default=2, ge=1)
+    max_specialists: int = Field(default=4, ge=1)
+    allow_hub: bool = False  # True: entries not in the local cache may be chosen (the hub must be reachable)
+    max_params_m: float = Field(default=150.0, gt=0)  # larger models are left out of plans
+    language: str = "en"  # entries must list it (or multilingual)
+    sample_rows: int = Field(default=5, ge=0, le=20)  # input texts shown to the planner, fenced as data
+    check: bool = True  # drop untrained specialists that disagree with the controller on the seed rows
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # None: beat the seed's majority-label share
+    max_tokens: int = Field(default=600, ge=64)  # for the planner's answer
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PlanningConfig":
+        if not self.min_specialists <= self.specialists <= self.max_specialists:
+            raise ValueError(
+                f"need min_specialists ({self.min_specialists}) <= specialists ({self.specialists}) <= "
+                f"max_specialists ({self.max_specialists}); adjust them"
+            )
+        return self
+
+
 def _default_specialists() -> list[SpecialistConfig]:
     return [
         SpecialistConfig(name="tfidf", kind="tfidf_linear"),
@@ -120,6 +149,7 @@ class TaskSpec(_Strict):
     seed: SeedConfig = Field(default_factory=SeedConfig)
     specialists: list[SpecialistConfig] = Field(default_factory=_default_specialists)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
     embedded_llm: EmbeddedLLMConfig = Field(default_factory=EmbeddedLLMConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -185,6 +215,23 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_config_file(path: str | Path, *, what: str, flag: str | None = None) -> Any:
+    """The parsed content of a YAML or JSON file (by suffix; YAML otherwise), never executing anything."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; pass a YAML or JSON file to {flag}" if flag else "; fix the path"
+        raise ConfigError(f"{what} {path} does not exist{hint}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, Exception) as exc:  # yaml.YAMLError has no common base we import
+        raise ConfigError(f"{what} {path} is not valid {path.suffix or 'YAML'}: {exc}") from None
+
+
 def load_task(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TaskSpec:
     """Build a :class:`TaskSpec` from a YAML/JSON file and/or a dict of overrides (CLI flags).
 
@@ -193,20 +240,8 @@ def load_task(path: str | Path | None = None, overrides: dict[str, Any] | None =
     data: dict[str, Any] = {}
     source = "command line"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"task file {path} does not exist; pass a YAML or JSON file to --task")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-        except (json.JSONDecodeError, Exception) as exc:  # yaml.YAMLError has no common base we import
-            raise ConfigError(f"task file {path} is not valid {path.suffix or 'YAML'}: {exc}") from None
+        data = read_config_file(path, what="task file", flag="--task")
         if not isinstance(data, dict):
             raise ConfigError(f"task file {path} must hold a mapping of settings at the top level")
     if overrides:

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from labelwright.orchestrator.cli import main
-from labelwright.orchestrator.errors import ControllerError
+from labelwright.orchestrator.errors import ConfigError, ControllerError
 from labelwright.orchestrator.job import annotate
+from labelwright.orchestrator.plan import load_plan
 from labelwright.orchestrator.spec import load_task
 from tests.conftest import movie_slice
 from tests.fake_openai import FakeOpenAI, HTTPError, garbage, http_error, oracle, script
@@ -187,3 +188,38 @@ def test_cli_jsonl_with_empty_rows_and_bad_flags(ray_cluster, tmp_path, capsys, 
     assert main(["annotate", str(src), "--labels", "a,b", "--text-column", "body",
                  "--output", str(tmp_path / "y.parquet")]) == 2
     assert "--text-column" in capsys.readouterr().err
+
+
+def test_controller_plan_is_checked_on_the_seed_and_saved_next_to_the_output(ray_cluster, movie, tmp_path):
+    """No specialists in the task: the controller plans, the zero-shot one fails the sample check and is
+    dropped before deployment, the plan file lands next to the output; a broken plan file is refused."""
+    path, df = movie
+    label_oracle = oracle(dict(zip(df["text"], df["label"])))
+    plan_json = json.dumps({"voting_rule": "majority", "specialists": [
+        {"zoo_id": z, "label_map": [], "reason": "test"} for z in ("tfidf", "minilm-probe", "minilm-zeroshot")]})
+
+    def responder(request):
+        if request["messages"][0]["content"].startswith("You plan which small models"):
+            return plan_json
+        return label_oracle(request)
+
+    with FakeOpenAI(responder) as server:
+        data = spec_for(server).model_dump(exclude={"specialists"}, exclude_unset=True)
+        data["planning"] = {"min_agreement": 0.99}  # no zero-shot scorer agrees with 99% of the seed
+        spec = load_task(None, data)
+        out = tmp_path / "out.parquet"
+        report = annotate(path, spec=spec, output=out, report_path=tmp_path / "r.json", limit=60)
+        plan = report["plan"]
+        assert plan["source"] == "controller" and plan["voting_rule"] == report["voting"]["rule"] == "majority"
+        assert plan["check"]["dropped"] == ["minilm-zeroshot"] and plan["kept"] == ["tfidf", "minilm-probe"]
+        assert 0.0 <= plan["check"]["specialists"]["minilm-zeroshot"]["agreement"] < 0.99
+        saved = load_plan(tmp_path / "out.plan.yaml")
+        assert saved.check["dropped"] == ["minilm-zeroshot"] and plan["file"] == str(tmp_path / "out.plan.yaml")
+        res = pd.read_parquet(out)
+        assert len(res) == 60 and "vote_minilm-probe" in res and "vote_minilm-zeroshot" not in res
+
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("labels: [positive, negative]\nvoting_rule: unanimity\n"
+                       "specialists: [{zoo_id: tfidf}, {zoo_id: /etc/passwd}]\n")
+        with pytest.raises(ConfigError, match="'/etc/passwd' is not in the zoo"):
+            annotate(path, spec=spec, output=tmp_path / "o2.parquet", plan_path=bad, limit=60)

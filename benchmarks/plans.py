@@ -1,0 +1,120 @@
+"""Plans, measured: the same rows labelled by the specialists the controller plans, by the deterministic
+fallback plan (similarity between the task and the zoo, no LLM), and by the fixed default set.
+
+    python benchmarks/plans.py --datasets movie_sentiment --rows 200
+    python benchmarks/plans.py --datasets "" --out DIR            # just print the table so far
+
+Stages are off, so the comparison is the choice of specialists alone. The seed set is picked from the
+train split's texts and labelled by the controller; the configurations share one controller cache
+(the seed is paid once; `cache hits` counts reused answers, and LLM share counts every row sent to
+the controller, cached or not). The planning wall time and the planner's LLM calls are reported apart.
+Runs on the embedded local LLM unless --base-url is given; --allow-hub lets plans use hub models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DATASETS = HERE.parent.parent / "shared" / "datasets"
+INSTRUCTIONS = {
+    "movie_sentiment": "Classify the sentiment of this movie review sentence.",
+    "yahoo_topics": "Classify the topic of this question and answer from a Q&A site.",
+    "banking77": "Classify the intent of this banking customer's message.",
+}
+DEFAULT_SET = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "minilm_probe", "kind": "embedding_linear"},
+               {"name": "minilm_ft", "kind": "transformer_classifier"}]
+CONFIGS = {
+    "controller plan": {"planning": {"mode": "always", "planner": "controller"}},
+    "fallback plan": {"planning": {"mode": "always", "planner": "similarity"}},
+    "default set": {"specialists": DEFAULT_SET},
+}
+
+
+def run_config(name: str, extra: dict, sample: Path, work: Path, labels: list[str], dataset: str, args) -> dict:
+    from labelwright.orchestrator.job import annotate
+    from labelwright.orchestrator.spec import load_task
+
+    task = {
+        "labels": labels,
+        "gold_column": "label",
+        "instruction": INSTRUCTIONS.get(dataset, "Classify the text into exactly one of the labels."),
+        "controller": {"cache_path": str(work / "cache.sqlite")},
+        "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
+        "stages": {"enabled": False},
+        **json.loads(json.dumps(extra)),
+    }
+    if "planning" in task:
+        task["planning"]["allow_hub"] = args.allow_hub
+    if args.seed_size:
+        task["seed"]["size"] = args.seed_size
+    if args.base_url:
+        task["controller"].update(base_url=args.base_url, model=args.model)
+    out = work / name.replace(" ", "_")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    report = annotate(sample, spec=load_task(None, task), output=out / "labels.parquet",
+                      report_path=out / "report.json")
+    plan = report.get("plan") or {}
+    return {
+        "dataset": dataset, "config": name, "rows": report["rows_in"],
+        "specialists": plan.get("kept") or [s["name"] for s in DEFAULT_SET],
+        "plan_source": plan.get("source", "-"), "dropped": (plan.get("check") or {}).get("dropped", []),
+        "plan_notes": plan.get("notes", []), "plan_llm_calls": (plan.get("llm") or {}).get("calls", 0),
+        "plan_s": report["timings_s"].get("plan", 0.0),
+        "accuracy": report["gold"]["accuracy"], "macro_f1": report["gold"]["macro_f1"],
+        "llm_share": report["llm_share"], "llm_calls": report["llm"]["calls"],
+        "cache_hits": report["llm"]["cache_hits"], "wall_s": report["wall_s"],
+        "label_s": report["timings_s"].get("label"),
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| dataset | configuration | rows | specialists (dropped by the check) | plan | accuracy | macro-F1 | "
+             "LLM share | LLM calls | cache hits | plan s | labelling s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        chosen = ", ".join(r["specialists"]) + (f" (dropped {', '.join(r['dropped'])})" if r["dropped"] else "")
+        lines.append(f"| {r['dataset']} | {r['config']} | {r['rows']} | {chosen} | {r['plan_source']} | "
+                     f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['llm_share']:.1%} | {r['llm_calls']} | "
+                     f"{r['cache_hits']} | {r['plan_s']:.0f} | {r['label_s'] or 0:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="movie_sentiment,yahoo_topics,banking77")
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--seed-size", type=int, default=None)
+    ap.add_argument("--configs", default="|".join(CONFIGS), help="'|'-separated subset of: " + " | ".join(CONFIGS))
+    ap.add_argument("--allow-hub", action="store_true", help="plans may choose hub models (needs hub access)")
+    ap.add_argument("--base-url", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=str(HERE / "results-plans"))
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    for dataset in [d for d in args.datasets.split(",") if d]:
+        test = pd.read_csv(DATASETS / dataset / "test.csv").head(args.rows)
+        labels = sorted(pd.read_csv(DATASETS / dataset / "train.csv")["label"].astype(str).unique())
+        work = out_dir / dataset
+        work.mkdir(parents=True, exist_ok=True)
+        sample = work / "sample.csv"
+        test[["text", "label"]].to_csv(sample, index=False)
+        saved = work / "plans.json"
+        for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
+            result = run_config(name, CONFIGS[name], sample, work, labels, dataset, args)
+            results = [r for r in (json.loads(saved.read_text()) if saved.is_file() else [])
+                       if r["config"] != name or r["rows"] != result["rows"]]
+            saved.write_text(json.dumps(results + [result], indent=2, default=str))
+    results = []
+    for path in sorted(out_dir.glob("*/plans.json")):
+        results += json.loads(path.read_text())
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
