@@ -77,9 +77,14 @@ class Engine(Protocol):
 
     model_name: str
 
-    def choose(self, messages: list[dict], field: str, allowed: list[str]) -> ChoiceResult: ...
+    def choose(self, messages: list[dict], field: str, allowed: list[str],
+               cancel: threading.Event | None = None) -> ChoiceResult: ...
 
-    def generate(self, messages: list[dict], max_tokens: int) -> Generation: ...
+    def generate(self, messages: list[dict], max_tokens: int, cancel: threading.Event | None = None) -> Generation: ...
+
+
+class RequestCancelled(Exception):
+    """The caller went away (``cancel`` was set) before the engine got to its request."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +170,11 @@ class _LabelPass(NamedTuple):
     rest: Any  # (labels, width - 1, vocabulary) log-probs of continuation tokens 1.. (a tensor)
 
 
+def _raise_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled("the request was cancelled by its caller")
+
+
 def answer_prefix(field: str) -> str:
     """The text of the JSON answer up to the opening quote of the value: ``{"<field>": "``."""
     return json.dumps({field: ""})[:-2]
@@ -209,7 +219,8 @@ class LocalLLMEngine:
         return self.tokenizer.decode([token_id])
 
     # -- constrained choice ----------------------------------------------------------------------
-    def _score_labels(self, messages: list[dict], field: str, labels: list[str]) -> "_LabelPass":
+    def _score_labels(self, messages: list[dict], field: str, labels: list[str],
+                      cancel: threading.Event | None = None) -> "_LabelPass":
         """The model's log-probs of each ``<label>"}`` after the prompt and ``{"<field>": "``: one pass over
         the prompt, then one batched pass over every label's tokens on the prompt's cached keys/values."""
         import torch
@@ -226,6 +237,7 @@ class LocalLLMEngine:
         batch = torch.tensor([c + [pad] * (width - len(c)) for c in conts], dtype=torch.long, device=device)
 
         with self._lock, torch.inference_mode():
+            _raise_if_cancelled(cancel)  # waited in the queue behind other requests: the caller may be gone
             # Only the last position's logits are needed: skipping the vocabulary projection for the
             # rest of the prompt saves about a quarter of the prefill on a 0.5B model.
             out = self.model(torch.tensor([prompt_ids + prefix_ids], device=device), use_cache=True,
@@ -257,13 +269,14 @@ class LocalLLMEngine:
         totals, _, _ = constrained_logprobs(scored.conts, scored.token_lps)
         return totals
 
-    def choose(self, messages: list[dict], field: str, allowed: list[str]) -> ChoiceResult:
+    def choose(self, messages: list[dict], field: str, allowed: list[str],
+               cancel: threading.Event | None = None) -> ChoiceResult:
         import torch
 
         if not allowed:
             raise ValueError("allowed labels are empty")
         labels = list(dict.fromkeys(allowed))
-        prompt_ids, prefix_ids, conts, token_lps, first, rest = self._score_labels(messages, field, labels)
+        prompt_ids, prefix_ids, conts, token_lps, first, rest = self._score_labels(messages, field, labels, cancel)
         totals, steps, mass = constrained_logprobs(conts, token_lps)
         best = max(range(len(labels)), key=lambda i: sum(token_lps[i]))
         # Alternatives at each step of the chosen path: the children of the node, conditioned.
@@ -286,14 +299,21 @@ class LocalLLMEngine:
         return ChoiceResult(labels[best], entries, len(prompt_ids), len(prefix_ids) + len(chosen))
 
     # -- free generation -------------------------------------------------------------------------
-    def generate(self, messages: list[dict], max_tokens: int) -> Generation:
+    def generate(self, messages: list[dict], max_tokens: int, cancel: threading.Event | None = None) -> Generation:
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Cancelled(StoppingCriteria):  # checked after every token: a long answer stops when its caller goes
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel is not None and cancel.is_set(), dtype=torch.bool)
 
         prompt_ids = self._encode(self._prompt_text(messages))
         eos = self.model.generation_config.eos_token_id
         with self._lock, torch.inference_mode():
+            _raise_if_cancelled(cancel)
             out = self.model.generate(
                 torch.tensor([prompt_ids]),
+                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                 max_new_tokens=max_tokens,
                 do_sample=False,
@@ -452,16 +472,22 @@ def build_openai_app(engine: Engine, *, default_max_tokens: int = 256):
         except _BadRequest as exc:
             return _error(400, str(exc), param=exc.param)
 
+        cancel = threading.Event()
         try:
             if constrained is not None:
                 field, allowed = constrained
-                result = await asyncio.to_thread(engine.choose, req.messages, field, allowed)
+                result = await asyncio.to_thread(engine.choose, req.messages, field, allowed, cancel)
                 content = json.dumps({field: result.label})
                 finish = "stop"
             else:
                 limit = req.max_completion_tokens or req.max_tokens or default_max_tokens
-                result = await asyncio.to_thread(engine.generate, req.messages, limit)
+                result = await asyncio.to_thread(engine.generate, req.messages, limit, cancel)
                 content, finish = result.text, result.finish_reason
+        except asyncio.CancelledError:
+            # The client went away (Serve cancels the request): tell the engine thread, which would
+            # otherwise queue and compute an answer nobody reads, blocking the requests behind it.
+            cancel.set()
+            raise
         except (ValueError, LabelwrightError) as exc:
             return _error(400, str(exc))
 

@@ -24,6 +24,7 @@ from labelwright.specialists.base import SpecialistConfig
 SHIPPED_ZOO = Path(__file__).with_name("zoo.yaml")
 ZooKind = Literal["classifier", "encoder", "zero_shot", "linear"]
 _EMBEDDED_LMS = ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "torch_threads", "autoscaling", "batch_size", "max_length")
 
 
 class ZooEntry(BaseModel):
@@ -40,6 +41,17 @@ class ZooEntry(BaseModel):
     params_m: float = Field(gt=0)
     licence: str = "check model card"
     description: str = Field(min_length=1)
+    # Serve and batching settings of the specialist it builds (num_cpus, num_gpus, torch_threads,
+    # autoscaling, batch_size, max_length): a big scorer asks for more than a linear model.
+    resources: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _resource_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(RESOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"resources has unknown keys {unknown}; use {list(RESOURCE_KEYS)}")
+        return value
 
     @field_validator("families", "languages")
     @classmethod
@@ -79,16 +91,16 @@ class ZooEntry(BaseModel):
     def specialist_config(self, *, name: str | None = None, label_map: dict[str, str] | None = None,
                           label_texts: dict[str, str] | None = None) -> SpecialistConfig:
         """The specialist this entry builds (``label_map`` for classifiers, ``label_texts`` for zero-shot)."""
-        name = name or self.id
+        common = {"name": name or self.id, **self.resources}
         if self.kind == "classifier":
-            return SpecialistConfig(name=name, kind="hf_classifier", model=self.model, label_map=label_map)
+            return SpecialistConfig(kind="hf_classifier", model=self.model, label_map=label_map, **common)
         if self.kind == "linear":
-            return SpecialistConfig(name=name, kind="tfidf_linear")
+            return SpecialistConfig(kind="tfidf_linear", **common)
         if self.kind == "encoder":
             kind = "transformer_classifier" if self.head == "finetune" else "embedding_linear"
-            return SpecialistConfig(name=name, kind=kind, model=self.model)
+            return SpecialistConfig(kind=kind, model=self.model, **common)
         kind = {"nli": "nli_zero_shot", "embedding": "embedding_zero_shot", "lm": "lm_scorer"}[self.method]
-        return SpecialistConfig(name=name, kind=kind, model=self.model, label_texts=label_texts or None)
+        return SpecialistConfig(kind=kind, model=self.model, label_texts=label_texts or None, **common)
 
     def offline(self) -> bool:
         """Whether the model can be loaded on this machine without the hub."""

@@ -33,3 +33,27 @@ def test_annotate_movie_slice_with_embedded_llm(embedded_llm, datasets_dir, tmp_
     # A real model on real data: well above chance on the rows it settled (the README reports ~80-86%).
     assert (ctrl["label"] == ctrl["gold"]).mean() >= 0.6
     assert report["gold"]["accuracy"] >= 0.55
+
+
+def test_the_embedded_llm_plans_a_task_and_the_plan_validates(embedded_llm, tmp_path):
+    """The real planner path against the embedded LLM: it refuses the plan's JSON schema (it constrains
+    only label enums), so the plan is asked again without it; whatever the small model writes, the result
+    is a valid plan (the controller's, repaired, or the fallback) and says which."""
+    from labelwright.orchestrator.controller import Controller, ControllerConfig
+    from labelwright.orchestrator.plan import make_plan, validate_plan
+    from labelwright.orchestrator.spec import PlanningConfig
+    from labelwright.specialists.encoder import Encoder
+    from labelwright.specialists.zoo import load_zoo
+
+    base_url, llm = embedded_llm
+    labels = ["positive", "negative"]
+    config = ControllerConfig(base_url=base_url, model=llm.model, timeout_s=900, max_retries=0, cache=False)
+    controller = Controller(config, labels=labels)
+    zoo, cfg = load_zoo(), PlanningConfig(max_tokens=300)
+    plan = make_plan(controller, zoo, labels=labels, descriptions={}, instruction="Classify the sentiment of this "
+                     "movie review sentence.", cfg=cfg, samples=["a gorgeous, witty film"],
+                     encode=Encoder("minilm").encode, log=print)
+    print(plan.model_dump())
+    assert plan.source in ("controller", "repaired", "fallback")
+    assert validate_plan(plan, zoo, labels=labels, cfg=cfg) == []
+    assert 1 <= plan.usage["calls"] <= 4 and (plan.source == "fallback") == any("fell back" in n for n in plan.notes)

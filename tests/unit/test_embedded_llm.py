@@ -53,7 +53,7 @@ class FakeEngine:
     def __init__(self):
         self.calls = []
 
-    def choose(self, messages, field, allowed):
+    def choose(self, messages, field, allowed, cancel=None):
         self.calls.append(("choose", field, list(allowed)))
         text = messages[-1]["content"].lower()
         chunks = [[label[i : i + 3] for i in range(0, len(label), 3)] + ['"}'] for label in allowed]
@@ -81,7 +81,7 @@ class FakeEngine:
         prompt_tokens = sum(len(m["content"].split()) for m in messages)
         return ChoiceResult(allowed[best], scaffold + label_tokens, prompt_tokens, 2 + len(label_tokens))
 
-    def generate(self, messages, max_tokens):
+    def generate(self, messages, max_tokens, cancel=None):
         self.calls.append(("generate", max_tokens))
         words = messages[-1]["content"].split()[::-1][:max_tokens]
         toks = [TokenLogprob(w + " ", -0.5, [(w + " ", -0.5)]) for w in words]
@@ -353,6 +353,38 @@ def test_engine_generate_is_greedy_and_counts_tokens(tiny_engine):
     assert a == b
     assert a.completion_tokens == len(a.logprobs) <= 5
     assert a.finish_reason in ("stop", "length")
+
+
+def test_a_cancelled_request_is_not_computed_and_a_long_answer_stops(tiny_engine):
+    """A caller that went away (a timeout, a closed connection) must not keep the one replica busy."""
+    import threading
+
+    from labelwright.cluster.embedded_llm import RequestCancelled
+
+    messages = [{"role": "user", "content": "this film is great"}]
+    gone = threading.Event()
+    gone.set()
+    with pytest.raises(RequestCancelled):
+        tiny_engine.generate(messages, 50, gone)
+    with pytest.raises(RequestCancelled):
+        tiny_engine.choose(messages, "label", ["positive", "negative"], gone)
+    later = threading.Event()
+    timer = threading.Timer(0.0, later.set)
+    original = tiny_engine.model.forward
+    calls = []
+
+    def forward(*args, **kwargs):  # the caller leaves after the third decoding step
+        calls.append(1)
+        if len(calls) == 3:
+            timer.run()
+        return original(*args, **kwargs)
+
+    tiny_engine.model.forward = forward
+    try:
+        out = tiny_engine.generate(messages, 50, later)
+    finally:
+        tiny_engine.model.forward = original
+    assert out.completion_tokens <= 3 < 50 and len(calls) <= 4
 
 
 def test_config_rejects_root_route_prefix():

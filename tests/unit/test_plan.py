@@ -357,3 +357,41 @@ def test_the_similarity_planner_never_asks_the_controller():
         plan = ask(fake, cfg=PlanningConfig(planner="similarity"))
         assert fake.chat_calls == 0
     assert plan.source == "fallback" and "not asked" in plan.notes[0]
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_plan_writes_a_valid_plan_and_zoo_lists_entries(tmp_path, capsys):
+    from labelwright.orchestrator.cli import main
+
+    data = tmp_path / "in.csv"
+    data.write_text("text\na dull film\nwhat a joy\n")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(json.dumps({"entries": [{**OFFLINE[2], "id": "my-tfidf", "description": "my own tf-idf"}]}))
+    with FakeOpenAI(lambda req: answer({"zoo_id": "my-tfidf"}, {"zoo_id": "minilm-probe"})) as fake:
+        code = main(["plan", str(data), "--labels", "negative,positive", "--base-url", fake.base_url,
+                     "--model", fake.model, "--zoo", str(zoo), "--output", str(tmp_path / "plan.yaml")])
+        prompt = fake.requests[0]["messages"][1]["content"]
+    assert code == 0
+    plan = load_plan(tmp_path / "plan.yaml")
+    assert plan.source == "controller" and [s.zoo_id for s in plan.specialists] == ["my-tfidf", "minilm-probe"]
+    assert "my-tfidf: linear" in prompt and "<text>\na dull film\n</text>" in prompt
+    assert "plan (controller): my-tfidf, minilm-probe" in capsys.readouterr().out
+
+    assert main(["zoo", "--zoo", str(zoo)]) == 0
+    listing = capsys.readouterr().out
+    assert "my-tfidf" in listing and "sst2-distilbert" in listing and "offline" in listing
+
+    bad = tmp_path / "bad_zoo.yaml"
+    bad.write_text("entries:\n  - {id: x, model: m/n, kind: regressor, params_m: 1, description: d}\n")
+    assert main(["zoo", "--zoo", str(bad)]) == 2
+    assert "entry 0 ('x')" in capsys.readouterr().err
+
+
+def test_zoo_resources_reach_the_specialist_config_and_unknown_keys_are_named():
+    zoo = load_zoo()
+    config = zoo["qwen-scorer"].specialist_config()
+    assert (config.kind, config.num_gpus, config.num_cpus, config.batch_size) == ("lm_scorer", 0.5, 2, 8)
+    with pytest.raises(ConfigError, match=r"resources has unknown keys \['memory_gb'\]"):
+        load_zoo(entries=[{**OFFLINE[2], "resources": {"memory_gb": 4}}], include_shipped=False)
