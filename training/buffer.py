@@ -12,6 +12,7 @@ stage whose specialists were live when the row arrived), ``seq`` (arrival order)
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from pathlib import Path
@@ -38,14 +39,19 @@ class HardBuffer:
             tmp.unlink()
         files = sorted(self.dir.glob("batch-*.parquet"))
         frames = [pd.read_parquet(f) for f in files]
-        self._frame = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS))
-        self._frame = self._frame.drop_duplicates("row", keep="first").reset_index(drop=True)
-        self._rows = set(self._frame["row"].tolist())
+        frame = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS))
+        frame = frame.drop_duplicates("row", keep="first").sort_values("seq", kind="stable").reset_index(drop=True)
+        # Batches are kept as a list and joined only when the whole buffer is asked for, so appending
+        # stays O(batch) however long the run; seqs (increasing) answer new_since without a join.
+        self._parts: list[pd.DataFrame] = [frame] if len(frame) else []
+        self._joined: pd.DataFrame | None = frame
+        self._seqs: list[int] = frame["seq"].astype("int64").tolist()
+        self._rows = set(frame["row"].tolist())
         self._next_file = len(files) and int(files[-1].stem.split("-")[1]) + 1
-        self._next_seq = int(self._frame["seq"].max()) + 1 if len(self._frame) else 0
+        self._next_seq = self._seqs[-1] + 1 if self._seqs else 0
 
     def __len__(self) -> int:
-        return len(self._frame)
+        return len(self._seqs)
 
     @property
     def last_seq(self) -> int:
@@ -76,13 +82,18 @@ class HardBuffer:
         self._next_file += 1
         self._next_seq += len(batch)
         self._rows.update(batch["row"].tolist())
-        self._frame = pd.concat([self._frame, batch], ignore_index=True) if len(self._frame) else batch
+        self._seqs.extend(batch["seq"].tolist())
+        self._parts.append(batch)
+        self._joined = None
         return len(batch)
 
     def frame(self) -> pd.DataFrame:
-        """Every kept row, in arrival order."""
-        return self._frame.copy()
+        """Every kept row, in arrival order (shared until the next append: do not modify it in place)."""
+        if self._joined is None:
+            self._joined = pd.concat(self._parts, ignore_index=True)
+            self._parts = [self._joined]
+        return self._joined if self._parts else pd.DataFrame(columns=COLUMNS)
 
     def new_since(self, seq: int) -> int:
         """How many rows arrived after ``seq``."""
-        return int((self._frame["seq"] > seq).sum()) if len(self._frame) else 0
+        return len(self._seqs) - bisect.bisect_right(self._seqs, seq)
