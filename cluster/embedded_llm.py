@@ -170,6 +170,10 @@ class _LabelPass(NamedTuple):
     rest: Any  # (labels, width - 1, vocabulary) log-probs of continuation tokens 1.. (a tensor)
 
 
+# Reusing fewer cached prompt tokens than this saves less than copying the cache costs.
+MIN_REUSE = 16
+
+
 def _raise_if_cancelled(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise RequestCancelled("the request was cancelled by its caller")
@@ -196,6 +200,10 @@ class LocalLLMEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._lock = threading.Lock()
+        # The last prompt's token ids and keys/values: the next prompt of the same task shares its
+        # system message (instruction, label list, rules), which is then not computed again.
+        self._last: tuple[list[int], Any] | None = None
+        self.reused_tokens = 0  # prompt tokens served from that cache, for measurement
 
     @classmethod
     def load(
@@ -240,8 +248,7 @@ class LocalLLMEngine:
             _raise_if_cancelled(cancel)  # waited in the queue behind other requests: the caller may be gone
             # Only the last position's logits are needed: skipping the vocabulary projection for the
             # rest of the prompt saves about a quarter of the prefill on a 0.5B model.
-            out = self.model(torch.tensor([prompt_ids + prefix_ids], device=device), use_cache=True,
-                             logits_to_keep=1)
+            out = self._prefill(prompt_ids + prefix_ids)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of token 0
             cache = out.past_key_values
             cache.batch_repeat_interleave(len(conts))
@@ -254,6 +261,36 @@ class LocalLLMEngine:
                 lps += [rest[i, j - 1, cont[j]].item() for j in range(1, len(cont))]
                 token_lps.append(lps)
         return _LabelPass(prompt_ids, prefix_ids, conts, token_lps, first, rest)
+
+    def _prefill(self, ids: list[int]):
+        """``model(ids)`` keeping only the last position's logits, reusing the keys/values of the longest
+        prefix shared with the previous prompt (at least ``MIN_REUSE`` tokens). Call under the lock."""
+        import copy
+
+        import torch
+
+        device = self.model.device
+        reuse = 0
+        if self._last is not None:
+            prev, cache = self._last
+            n = 0
+            for a, b in zip(prev, ids):
+                if a != b:
+                    break
+                n += 1
+            reuse = min(n, len(ids) - 1)  # the last token must be run to get its logits
+        if reuse >= MIN_REUSE:
+            cache = copy.deepcopy(self._last[1])
+            drop = cache.get_seq_length() - reuse
+            if drop > 0:
+                cache.crop(-drop)  # negative: drop that many from the end (positive lengths are refused in 5.x)
+            out = self.model(torch.tensor([ids[reuse:]], device=device), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+            self.reused_tokens += reuse
+        else:
+            out = self.model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        self._last = (list(ids), copy.deepcopy(out.past_key_values))  # callers go on to extend the cache
+        return out
 
     def label_logprobs(self, messages: list[dict], field: str, allowed: list[str]) -> list[float]:
         """log p(label | the answer is one of ``allowed``) for each label of ``allowed``, in its order.

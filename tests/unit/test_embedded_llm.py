@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from labelwright.cluster.embedded_llm import (
@@ -353,6 +354,21 @@ def test_engine_generate_is_greedy_and_counts_tokens(tiny_engine):
     assert a == b
     assert a.completion_tokens == len(a.logprobs) <= 5
     assert a.finish_reason in ("stop", "length")
+
+
+def test_a_prompt_sharing_the_last_ones_system_message_reuses_its_keys_and_values(tiny_engine):
+    system = {"role": "system", "content": "Classify the sentiment of this film review. " * 4}
+    first = [system, {"role": "user", "content": "this film is great"}]
+    second = [system, {"role": "user", "content": "Sports and Science & Mathematics"}]
+    labels = ["positive", "negative", "Sports"]
+    tiny_engine._last = None
+    alone = tiny_engine.label_logprobs(second, "label", labels)  # nothing cached yet: computed in full
+    before = tiny_engine.reused_tokens
+    tiny_engine.label_logprobs(first, "label", labels)
+    again = tiny_engine.label_logprobs(second, "label", labels)
+    assert tiny_engine.reused_tokens - before >= 2 * 16  # both later prompts started from the cache
+    assert again == pytest.approx(alone, abs=1e-5)
+    assert tiny_engine.choose(second, "label", labels).label == labels[int(np.argmax(alone))]
 
 
 def test_a_cancelled_request_is_not_computed_and_a_long_answer_stops(tiny_engine):
