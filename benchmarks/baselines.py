@@ -9,7 +9,8 @@ the full pipeline. Prints a table (accuracy, LLM share, tokens, rows/s) and writ
 Runs on the embedded local LLM unless --base-url is given. Each dataset's test split is sampled by
 taking its first --rows rows (the shared splits are already shuffled). The seed set is picked from
 the train split's texts and labelled by the controller; its LLM calls are reported apart. The
-controller's cache is a fresh file per run so no figure is a cache hit.
+controller's cache is a fresh file per run so no figure is a cache hit (unless --cache names one,
+e.g. to reuse the seed answers of a run that was killed).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
         "labels": labels,
         "gold_column": "label",
         "instruction": args.instruction.get(name, "Classify the text into exactly one of the labels."),
-        "controller": {"cache_path": str(work / "cache.sqlite")},
+        "controller": {"cache_path": args.cache or str(work / "cache.sqlite")},
         "voting": {"rule": args.rule},
         "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
     }
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--base-url", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--cache", help="controller cache file for the pipeline (default: a fresh one per run); "
+                                    "the controller-alone column never uses a cache")
     ap.add_argument("--reuse-pipeline", action="store_true",
                     help="reuse a finished pipeline run in --out (its report and labels) and measure the rest")
     args = ap.parse_args()
