@@ -282,6 +282,8 @@ def make_plan(controller, zoo: Zoo, *, labels: Sequence[str], descriptions: dict
             log(f"plan: the controller chose {[s.zoo_id for s in plan.specialists]} ({source})")
             return plan
         notes += [f"{source}: {e}" for e in errors]
+        if raw:
+            notes.append(f"{source} answer was: {raw[:300]!r}" + (" ..." if len(raw) > 300 else ""))
         log(f"plan: the {source} answer is invalid: {'; '.join(errors)[:400]}")
         messages = messages + [
             {"role": "assistant", "content": raw or ""},
