@@ -154,6 +154,19 @@ def label_confidence(tokens: Sequence[tuple[str, float]], content: str, label: s
 
 
 @dataclass
+class JSONAnswer:
+    """What :meth:`Controller.complete_json` got: the parsed value, or why there is none."""
+
+    value: Any = None
+    raw: str | None = None  # the content as sent (None when the request failed)
+    reason: str | None = None  # why there is no usable value
+    refused_schema: bool = False  # the endpoint refused the response_format (HTTP 400/422)
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
 class _Tally:
     calls: int = 0
     prompt_tokens: int = 0
@@ -437,27 +450,27 @@ class Controller:
 
     def complete_json(
         self, messages: list[dict[str, str]], *, schema: dict[str, Any], name: str, max_tokens: int,
-    ) -> tuple[Any, str | None, str | None, dict[str, int]]:
-        """One JSON answer for ``messages`` (a plan, say): ``(parsed or None, raw content, reason, usage)``.
-
-        Asks with ``schema`` as structured output (per ``structured_output``); an endpoint that refuses the
-        schema (HTTP 400/422, as the embedded LLM does for anything but a label enum) is asked once more
-        without it, so the prompt alone carries the format. The caller validates the content.
-        """
+        use_schema: bool = True,
+    ) -> "JSONAnswer":
+        """One JSON answer for ``messages`` (a plan, say), asked with ``schema`` as structured output (per
+        ``structured_output``; ``use_schema=False`` leaves the format to the prompt). Never raises for an
+        endpoint failure: the answer says why it has no value, and whether the endpoint refused the
+        schema (HTTP 400/422). The caller validates the content."""
         tally = _Tally()
-        fmt = prompts.schema_format(self.config.structured_output, name, schema)
+        fmt = prompts.schema_format(self.config.structured_output, name, schema) if use_schema else None
         completion, reason = self._request(messages, fmt, tally, max_tokens=max_tokens, logprobs=False)
-        if completion is None and fmt is not None and tally.status in (400, 422):
-            completion, reason = self._request(messages, None, tally, max_tokens=max_tokens, logprobs=False)
-        usage = {"calls": tally.calls, "prompt_tokens": tally.prompt_tokens,
-                 "completion_tokens": tally.completion_tokens}
+        answer = JSONAnswer(calls=tally.calls, prompt_tokens=tally.prompt_tokens,
+                            completion_tokens=tally.completion_tokens)
         if completion is None:
-            return None, None, reason, usage
-        raw, _ = _content_and_tokens(completion)
+            answer.reason = reason
+            answer.refused_schema = fmt is not None and tally.status in (400, 422)
+            return answer
+        answer.raw, _ = _content_and_tokens(completion)
         try:
-            return prompts.parse_json(raw or ""), raw, None, usage
+            answer.value = prompts.parse_json(answer.raw or "")
         except ValueError:
-            return None, raw, "the answer is not JSON", usage
+            answer.reason = "the answer is not JSON"
+        return answer
 
     # ------------------------------------------------------------------ many rows
 

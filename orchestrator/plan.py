@@ -188,15 +188,19 @@ def plan_schema(ids: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
 
 
 def plan_messages(*, instruction: str, labels: Sequence[str], descriptions: dict[str, str], entries: Sequence[ZooEntry],
-                  cfg, samples: Sequence[str] = ()) -> list[dict[str, str]]:
+                  cfg, samples: Sequence[str] = (), stepwise: bool = False) -> list[dict[str, str]]:
+    """The planner's prompt: the whole plan as one JSON object, or (``stepwise``) one question at a time."""
+    reply = ["You will be asked one question at a time; answer each with only the JSON object asked for."] \
+        if stepwise else [
+        "Reply with only a JSON object:",
+        '{"specialists": [{"zoo_id": "<catalogue id>", "label_map": [{"native": "<native label>", "task": '
+        '"<task label>"}], "reason": "<why>"}], "voting_rule": "<rule>"}']
     system = "\n".join([
         "You plan which small models (specialists) will label a text dataset. Each specialist votes on every",
         "row; rows they disagree on go to a large LLM. Choose specialists that suit the task and whose errors",
         "differ; trained ones (encoder, linear) keep learning from the LLM's answers.",
         "",
-        "Reply with only a JSON object:",
-        '{"specialists": [{"zoo_id": "<catalogue id>", "label_map": [{"native": "<native label>", "task": '
-        '"<task label>"}], "reason": "<why>"}], "voting_rule": "<rule>"}',
+        *reply,
         "",
         "Rules:",
         f"- Choose {cfg.specialists} specialists (at least {cfg.min_specialists}, at most {cfg.max_specialists}) "
@@ -265,16 +269,35 @@ def make_plan(controller, zoo: Zoo, *, labels: Sequence[str], descriptions: dict
     rounds = ("controller", "repaired") if cfg.planner == "controller" else ()
     if not rounds:
         notes.append("planning.planner is 'similarity': the controller was not asked")
+    use_schema = controller.config.structured_output != "none"
     for attempt, source in enumerate(rounds):
         log(f"plan: asking the controller ({'repair round' if attempt else 'first answer'})")
-        value, raw, reason, used = controller.complete_json(messages, schema=schema, name="plan",
-                                                            max_tokens=cfg.max_tokens)
-        for k in usage:
-            usage[k] += used[k]
+        ans = _count(usage, controller.complete_json(messages, schema=schema, name="plan", max_tokens=cfg.max_tokens,
+                                                     use_schema=use_schema))
+        if ans.refused_schema and attempt == 0:
+            # An endpoint that constrains only one-field enums (the embedded LLM): the same plan as a
+            # series of constrained choices, then, if that fails too, as JSON the prompt alone asks for.
+            notes.append(f"the endpoint refused the plan's JSON schema ({ans.reason}); asked step by step")
+            log("plan: the endpoint refused the plan schema; asking step by step (one enum answer each)")
+            plan, step_notes = ask_stepwise(controller, entries, labels=labels, cfg=cfg, usage=usage,
+                                            messages=plan_messages(instruction=instruction, labels=labels,
+                                                                   descriptions=descriptions, entries=entries,
+                                                                   cfg=cfg, samples=samples, stepwise=True))
+            notes += step_notes
+            errors = validate_plan(plan, zoo, labels=labels, cfg=cfg) if plan is not None else []
+            if plan is not None and not errors:
+                plan.notes, plan.usage = notes, usage
+                log(f"plan: the controller chose {[s.zoo_id for s in plan.specialists]} (step by step)")
+                return plan
+            notes += [f"step by step: {e}" for e in errors]
+            use_schema = False
+            ans = _count(usage, controller.complete_json(messages, schema=schema, name="plan",
+                                                         max_tokens=cfg.max_tokens, use_schema=False))
+        raw, reason = ans.raw, ans.reason
         if reason is not None and raw is None:  # the endpoint failed: a repair round cannot help
             notes.append(f"{source}: {reason}")
             break
-        plan, errors = parse_plan(value, labels=labels, source=source) if reason is None else (None, [reason])
+        plan, errors = parse_plan(ans.value, labels=labels, source=source) if reason is None else (None, [reason])
         if plan is not None:
             errors = validate_plan(plan, zoo, labels=labels, cfg=cfg)
         if not errors:
@@ -295,6 +318,62 @@ def make_plan(controller, zoo: Zoo, *, labels: Sequence[str], descriptions: dict
     plan.usage = usage
     log(f"plan: fell back to {[s.zoo_id for s in plan.specialists]} (by similarity to the task)")
     return plan
+
+
+def _count(usage: dict[str, int], answer):
+    usage["calls"] += answer.calls
+    usage["prompt_tokens"] += answer.prompt_tokens
+    usage["completion_tokens"] += answer.completion_tokens
+    return answer
+
+
+def _enum_schema(field: str, allowed: Sequence[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": {field: {"type": "string", "enum": list(allowed)}},
+            "required": [field], "additionalProperties": False}
+
+
+NO_LABEL = "(none of them)"
+
+
+def ask_stepwise(controller, entries: Sequence[ZooEntry], *, labels: Sequence[str], cfg, messages: list[dict],
+                 usage: dict[str, int]) -> tuple[Plan | None, list[str]]:
+    """The plan as constrained choices: one zoo id per slot (an enum of the entries left), then for each
+    chosen classifier one task label (or none) per native label. Every answer is an enum, so an endpoint
+    that constrains only one-field enums (the embedded LLM) still answers within the catalogue."""
+    labels = list(labels)
+    chosen: list[PlannedSpecialist] = []
+    for slot in range(cfg.specialists):
+        left = [e.id for e in entries if e.id not in {c.zoo_id for c in chosen}]
+        if not left:
+            break
+        so_far = ", ".join(c.zoo_id for c in chosen) or "none yet"
+        ask = messages + [{"role": "user", "content": (
+            f"Chosen so far: {so_far}. Which catalogue entry should be specialist {slot + 1} of {cfg.specialists}? "
+            'Reply {"zoo_id": "<catalogue id>"}.')}]
+        ans = _count(usage, controller.complete_json(ask, schema=_enum_schema("zoo_id", left), name="zoo_id",
+                                                     max_tokens=32))
+        pick = ans.value.get("zoo_id") if isinstance(ans.value, dict) else None
+        if pick not in left:
+            return None, [f"step by step: specialist {slot + 1}: {ans.reason or f'answer {ans.raw!r} is not an entry left'}"]
+        chosen.append(PlannedSpecialist(zoo_id=pick, reason="chosen step by step"))
+    by_id = {e.id: e for e in entries}
+    options = labels + [NO_LABEL if NO_LABEL not in labels else NO_LABEL + " "]
+    for planned in chosen:
+        entry = by_id[planned.zoo_id]
+        if entry.kind != "classifier":
+            continue
+        label_map = {}
+        for native in entry.native_labels or []:
+            ask = messages + [{"role": "user", "content": (
+                f"The model {entry.id} answers with the native label {native!r}. Which task label does that "
+                f'mean? Reply {{"task_label": "<one of {options}>"}}.')}]
+            ans = _count(usage, controller.complete_json(ask, schema=_enum_schema("task_label", options),
+                                                         name="task_label", max_tokens=32))
+            said = ans.value.get("task_label") if isinstance(ans.value, dict) else None
+            if said in labels:
+                label_map[native] = said
+        planned.label_map = label_map or None
+    return Plan(labels=labels, specialists=chosen, source="controller"), []
 
 
 # ------------------------------------------------------------------------------------- fallback

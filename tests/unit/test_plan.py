@@ -225,8 +225,35 @@ def test_an_endpoint_that_refuses_the_schema_is_asked_without_it():
 
     with FakeOpenAI(responder) as fake:
         plan = ask(fake)
-        assert fake.chat_calls == 2
+        assert fake.chat_calls == 3  # the plan schema, the first step-by-step enum, then no schema at all
+        assert "response_format" not in fake.requests[-1]
     assert plan.source == "controller" and [s.zoo_id for s in plan.specialists] == ["tfidf", "probe"]
+    assert any("refused the plan's JSON schema" in n for n in plan.notes)
+
+
+def test_an_endpoint_that_only_constrains_enums_is_asked_step_by_step():
+    """Like the embedded LLM: a one-field enum schema is fine, the plan's schema is refused."""
+    picks = iter(["local-sst2", "ft", "tfidf"])
+
+    def responder(req):
+        fmt = req.get("response_format")
+        if fmt is None or fmt["json_schema"]["name"] == "plan":
+            return HTTPError(400, "unsupported json_schema: only a one-field enum")
+        (field, prop), = fmt["json_schema"]["schema"]["properties"].items()
+        if field == "zoo_id":
+            return json.dumps({field: next(picks)})
+        native = req["messages"][-1]["content"].split("native label '")[1].split("'")[0]
+        return json.dumps({field: {"NEGATIVE": "negative", "POSITIVE": "positive"}[native]})
+
+    with FakeOpenAI(responder) as fake:
+        plan = ask(fake)
+        enums = [r["response_format"]["json_schema"]["schema"]["properties"] for r in fake.requests[1:]]
+    assert plan.source == "controller" and [s.zoo_id for s in plan.specialists] == ["local-sst2", "ft", "tfidf"]
+    assert plan.specialists[0].label_map == {"NEGATIVE": "negative", "POSITIVE": "positive"}
+    assert plan.usage["calls"] == 1 + 3 + 2  # the refused plan, three picks, two native labels
+    assert "local-sst2" not in enums[1]["zoo_id"]["enum"]  # a chosen entry is not offered again
+    assert enums[-1]["task_label"]["enum"] == ["negative", "positive", "(none of them)"]
+    assert validate_plan(plan, ZOO, labels=LABELS, cfg=CFG) == []
 
 
 def test_a_dead_endpoint_falls_back_without_a_repair_round():
