@@ -155,12 +155,14 @@ class Specialist(ABC):
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """float32 array (len(texts), len(labels)); rows sum to 1; columns in ``labels`` order."""
 
-    @property
-    def trainable(self) -> bool:
-        return True
+    # Kinds used as shipped set ``trainable = False`` and say in ``train_instead`` which kind learns instead.
+    trainable: bool = True
+    train_instead: str = ""
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], *, sample_weight=None) -> None:
-        raise SpecialistError(f"specialist {self.name!r} of kind {self.kind!r} cannot be trained")
+        hint = f"; {self.train_instead}" if self.train_instead else ""
+        raise SpecialistError(f"specialist {self.name!r} of kind {self.kind!r} is used as shipped and cannot be "
+                              f"trained{hint}")
 
     @abstractmethod
     def save(self, directory: str | Path) -> None:

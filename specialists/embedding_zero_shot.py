@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 
-from labelwright.orchestrator.errors import SpecialistError
 from labelwright.specialists.base import (
     Specialist, SpecialistConfig, digest, fill_template, read_manifest, softmax_rows, verbalise_labels,
 )
@@ -39,6 +38,8 @@ def similarity_probs(text_emb: np.ndarray, label_emb: np.ndarray, *, temperature
 class EmbeddingZeroShotSpecialist(Specialist):
     kind = "embedding_zero_shot"
     _version_prefix = "embzs"
+    trainable = False
+    train_instead = "use kind 'embedding_linear' with the same model to train a head on these embeddings"
 
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, encoder: Encoder | None = None):
         super().__init__(config, labels)
@@ -61,15 +62,6 @@ class EmbeddingZeroShotSpecialist(Specialist):
             self._label_emb = self.encoder.encode(self.hypotheses)
         return self._label_emb
 
-    @property
-    def trainable(self) -> bool:
-        return False
-
-    def fit(self, texts, labels, *, sample_weight=None) -> None:
-        raise SpecialistError(
-            f"specialist {self.name!r} (embedding_zero_shot) needs no training and cannot be trained; "
-            "use kind 'embedding_linear' with the same model to train a head on these embeddings"
-        )
 
     def predict_proba(self, texts) -> np.ndarray:
         texts = self._clean_texts(texts)

@@ -81,6 +81,8 @@ def map_native_probs(native_probs: np.ndarray, matrix: np.ndarray) -> np.ndarray
 class HFClassifierSpecialist(Specialist):
     kind = "hf_classifier"
     _version_prefix = "hf"
+    trainable = False
+    train_instead = "use kind 'transformer_classifier' with the same model to fine-tune it"
 
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, device=None,
                  _model_source: str | None = None):
@@ -97,15 +99,6 @@ class HFClassifierSpecialist(Specialist):
         commit = getattr(self.model.config, "_commit_hash", None) or getattr(self.model.config, "_name_or_path", "")
         self.version = f"hf-{digest(config.model, commit, self.native_labels, self.matrix)}"
 
-    @property
-    def trainable(self) -> bool:
-        return False
-
-    def fit(self, texts, labels, *, sample_weight=None) -> None:
-        raise SpecialistError(
-            f"specialist {self.name!r} (hf_classifier) is used as shipped and cannot be trained; "
-            "use kind 'transformer_classifier' with the same model to fine-tune it"
-        )
 
     def predict_proba(self, texts) -> np.ndarray:
         texts = self._clean_texts(texts)

@@ -35,6 +35,8 @@ CHARS_PER_TOKEN = 4
 class LMScorerSpecialist(Specialist):
     kind = "lm_scorer"
     _version_prefix = "lm"
+    trainable = False
+    train_instead = "use kind 'transformer_classifier' to fine-tune a classifier on labelled rows"
 
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, device=None, engine=None):
         """``engine``: a ``LocalLLMEngine`` already holding the model (tests); else ``config.model`` is loaded."""
@@ -57,15 +59,6 @@ class LMScorerSpecialist(Specialist):
         self.version = "lm-" + digest(config.model, commit, self.instruction, self.labels, config.label_texts,
                                       self.max_text_chars)
 
-    @property
-    def trainable(self) -> bool:
-        return False
-
-    def fit(self, texts, labels, *, sample_weight=None) -> None:
-        raise SpecialistError(
-            f"specialist {self.name!r} (lm_scorer) is used as shipped and cannot be trained; "
-            "use kind 'transformer_classifier' to fine-tune a classifier on labelled rows"
-        )
 
     def messages(self, text: str) -> list[dict[str, str]]:
         """The chat messages this specialist scores ``text`` with (the controller's zero-shot prompt)."""

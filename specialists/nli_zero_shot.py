@@ -44,6 +44,8 @@ def entailment_index(natives: Sequence[str], *, model: str) -> int:
 class NLIZeroShotSpecialist(Specialist):
     kind = "nli_zero_shot"
     _version_prefix = "nli"
+    trainable = False
+    train_instead = "use kind 'transformer_classifier' to fine-tune a classifier on labelled rows"
 
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, device=None,
                  _model_source: str | None = None):
@@ -62,15 +64,6 @@ class NLIZeroShotSpecialist(Specialist):
         commit = getattr(self.model.config, "_commit_hash", None) or getattr(self.model.config, "_name_or_path", "")
         self.version = f"nli-{digest(config.model, commit, self.native_labels, self.hypotheses)}"
 
-    @property
-    def trainable(self) -> bool:
-        return False
-
-    def fit(self, texts, labels, *, sample_weight=None) -> None:
-        raise SpecialistError(
-            f"specialist {self.name!r} (nli_zero_shot) is used as shipped and cannot be trained; "
-            "use kind 'transformer_classifier' to fine-tune a classifier on labelled rows"
-        )
 
     def predict_proba(self, texts) -> np.ndarray:
         texts = self._clean_texts(texts)
