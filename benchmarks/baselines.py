@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common import DATASETS, GENERIC_INSTRUCTION, INSTRUCTIONS, load_results, write_sample
 from labelwright.orchestrator.report import accuracy, macro_f1
 
 HERE = Path(__file__).resolve().parent
-DATASETS = HERE.parent.parent / "shared" / "datasets"
 
 
 def majority_vote(df: pd.DataFrame, names: list[str]) -> pd.Series:
@@ -79,19 +79,15 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
     from labelwright.orchestrator.job import annotate
     from labelwright.orchestrator.spec import load_task
 
-    test = pd.read_csv(DATASETS / name / "test.csv").head(rows)
-    labels = sorted(pd.read_csv(DATASETS / name / "train.csv")["label"].astype(str).unique())
     work = out_dir / name
     reuse = args.reuse_pipeline and (work / "report.json").is_file() and (work / "labels.parquet").is_file()
     if not reuse:
         shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    sample = work / "sample.csv"
-    test[["text", "label"]].to_csv(sample, index=False)
+    sample, labels = write_sample(name, rows, work)
     task = {
         "labels": labels,
         "gold_column": "label",
-        "instruction": args.instruction.get(name, "Classify the text into exactly one of the labels."),
+        "instruction": INSTRUCTIONS.get(name, GENERIC_INSTRUCTION),
         "controller": {"cache_path": args.cache or str(work / "cache.sqlite")},
         "voting": {"rule": args.rule},
         "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
@@ -167,19 +163,11 @@ def main() -> None:
     ap.add_argument("--reuse-pipeline", action="store_true",
                     help="reuse a finished pipeline run in --out (its report and labels) and measure the rest")
     args = ap.parse_args()
-    args.instruction = {
-        "movie_sentiment": "Classify the sentiment of this movie review sentence.",
-        "yahoo_topics": "Classify the topic of this question and answer from a Q&A site.",
-        "banking77": "Classify the intent of this banking customer's message.",
-    }
     out_dir = Path(args.out)
     for name in [d for d in args.datasets.split(",") if d]:
         run_dataset(name, args.rows, out_dir, args)
     # The table covers every dataset measured into --out so far (datasets can be run separately).
-    results = []
-    for path in sorted(out_dir.glob("*/baselines.json")):
-        results += json.loads(path.read_text())
-    print(table(results))
+    print(table(load_results(out_dir, "baselines.json")))
 
 
 if __name__ == "__main__":

@@ -18,15 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
+from common import DATASETS, GENERIC_INSTRUCTION, INSTRUCTIONS, load_results, save_result, write_sample
 
 HERE = Path(__file__).resolve().parent
-DATASETS = HERE.parent.parent / "shared" / "datasets"
-INSTRUCTIONS = {
-    "movie_sentiment": "Classify the sentiment of this movie review sentence.",
-    "yahoo_topics": "Classify the topic of this question and answer from a Q&A site.",
-    "banking77": "Classify the intent of this banking customer's message.",
-}
 DEFAULT_SET = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "minilm_probe", "kind": "embedding_linear"},
                {"name": "minilm_ft", "kind": "transformer_classifier"}]
 CONFIGS = {
@@ -43,7 +37,7 @@ def run_config(name: str, extra: dict, sample: Path, work: Path, labels: list[st
     task = {
         "labels": labels,
         "gold_column": "label",
-        "instruction": INSTRUCTIONS.get(dataset, "Classify the text into exactly one of the labels."),
+        "instruction": INSTRUCTIONS.get(dataset, GENERIC_INSTRUCTION),
         "controller": {"cache_path": str(work / "cache.sqlite")},
         "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
         "stages": {"enabled": False},
@@ -98,21 +92,12 @@ def main() -> None:
     args = ap.parse_args()
     out_dir = Path(args.out)
     for dataset in [d for d in args.datasets.split(",") if d]:
-        test = pd.read_csv(DATASETS / dataset / "test.csv").head(args.rows)
-        labels = sorted(pd.read_csv(DATASETS / dataset / "train.csv")["label"].astype(str).unique())
         work = out_dir / dataset
-        work.mkdir(parents=True, exist_ok=True)
-        sample = work / "sample.csv"
-        test[["text", "label"]].to_csv(sample, index=False)
-        saved = work / "plans.json"
+        sample, labels = write_sample(dataset, args.rows, work)
         for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
-            result = run_config(name, CONFIGS[name], sample, work, labels, dataset, args)
-            results = [r for r in (json.loads(saved.read_text()) if saved.is_file() else [])
-                       if r["config"] != name or r["rows"] != result["rows"]]
-            saved.write_text(json.dumps(results + [result], indent=2, default=str))
-    results = []
-    for path in sorted(out_dir.glob("*/plans.json")):
-        results += json.loads(path.read_text())
+            # configurations can be run one at a time: the others' results are kept
+            save_result(work / "plans.json", run_config(name, CONFIGS[name], sample, work, labels, dataset, args))
+    results = load_results(out_dir, "plans.json")
     print(table(results))
 
 
