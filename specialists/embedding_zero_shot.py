@@ -62,7 +62,6 @@ class EmbeddingZeroShotSpecialist(Specialist):
             self._label_emb = self.encoder.encode(self.hypotheses)
         return self._label_emb
 
-
     def predict_proba(self, texts) -> np.ndarray:
         texts = self._clean_texts(texts)
         if not texts:

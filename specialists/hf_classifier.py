@@ -87,18 +87,9 @@ class HFClassifierSpecialist(Specialist):
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, device=None,
                  _model_source: str | None = None):
         super().__init__(config, labels)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        source = _model_source or config.model
-        self.tokenizer = load_pretrained(AutoTokenizer, source)
-        self.model = load_pretrained(AutoModelForSequenceClassification, source)
-        self.native_labels = native_labels(self.model.config)
+        commit = open_classifier(self, _model_source or config.model, device)
         self.matrix = build_label_matrix(self.native_labels, self.labels, config.label_map, name=self.name)
-        self.device = pick_device(device)
-        self.model.to(self.device).eval()
-        commit = getattr(self.model.config, "_commit_hash", None) or getattr(self.model.config, "_name_or_path", "")
         self.version = f"hf-{digest(config.model, commit, self.native_labels, self.matrix)}"
-
 
     def predict_proba(self, texts) -> np.ndarray:
         texts = self._clean_texts(texts)
@@ -116,15 +107,40 @@ class HFClassifierSpecialist(Specialist):
         return map_native_probs(out, self.matrix)
 
     def save(self, directory) -> None:
-        directory = self._write_manifest(directory, model_dir=MODEL_DIR, native_labels=self.native_labels)
-        self.model.save_pretrained(directory / MODEL_DIR)
-        self.tokenizer.save_pretrained(directory / MODEL_DIR)
+        save_classifier(self, directory)
 
     @classmethod
     def load(cls, directory, *, device=None) -> "HFClassifierSpecialist":
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        spec = cls(SpecialistConfig(**manifest["config"]), manifest["labels"], device=device,
-                   _model_source=str(directory / MODEL_DIR))
-        spec.version = manifest["version"]
-        return spec
+        return load_classifier(cls, directory, device=device)
+
+
+# Shared with the NLI zero-shot kind, which also runs a shipped sequence classifier.
+def open_classifier(specialist: Specialist, source: str, device) -> str:
+    """Load tokenizer and model from ``source`` onto the specialist (``tokenizer``, ``model``,
+    ``native_labels``, ``device``); returns the model's commit (or path) for its version."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    specialist.tokenizer = load_pretrained(AutoTokenizer, source)
+    specialist.model = load_pretrained(AutoModelForSequenceClassification, source)
+    specialist.native_labels = native_labels(specialist.model.config)
+    specialist.device = pick_device(device)
+    specialist.model.to(specialist.device).eval()
+    cfg = specialist.model.config
+    return getattr(cfg, "_commit_hash", None) or getattr(cfg, "_name_or_path", "")
+
+
+def save_classifier(specialist: Specialist, directory, **extra) -> None:
+    """Manifest plus a copy of the model, so the checkpoint loads without the hub."""
+    directory = specialist._write_manifest(directory, model_dir=MODEL_DIR, native_labels=specialist.native_labels,
+                                           **extra)
+    specialist.model.save_pretrained(directory / MODEL_DIR)
+    specialist.tokenizer.save_pretrained(directory / MODEL_DIR)
+
+
+def load_classifier(cls, directory, *, device=None):
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    spec = cls(SpecialistConfig(**manifest["config"]), manifest["labels"], device=device,
+               _model_source=str(directory / MODEL_DIR))
+    spec.version = manifest["version"]
+    return spec

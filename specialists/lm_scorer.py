@@ -59,7 +59,6 @@ class LMScorerSpecialist(Specialist):
         self.version = "lm-" + digest(config.model, commit, self.instruction, self.labels, config.label_texts,
                                       self.max_text_chars)
 
-
     def messages(self, text: str) -> list[dict[str, str]]:
         """The chat messages this specialist scores ``text`` with (the controller's zero-shot prompt)."""
         messages, _ = build_messages(text, instruction=self.instruction, labels=self.labels,

@@ -11,20 +11,15 @@ holds a copy of the model and tokenizer, so it loads without the hub. Cost: one 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from labelwright.orchestrator.errors import SpecialistError
-from labelwright.specialists.base import (
-    Specialist, SpecialistConfig, digest, fill_template, read_manifest, softmax_rows, verbalise_labels,
-)
-from labelwright.specialists.encoder import length_order, load_pretrained, pick_device
-from labelwright.specialists.hf_classifier import native_labels
-
-MODEL_DIR = "model"
+from labelwright.specialists.base import Specialist, SpecialistConfig, digest, fill_template, softmax_rows, verbalise_labels
+from labelwright.specialists.encoder import length_order
+from labelwright.specialists.hf_classifier import load_classifier, open_classifier, save_classifier
 # The hypothesis template of the Hugging Face zero-shot pipeline, which NLI models are usually evaluated with.
 DEFAULT_TEMPLATE = "This example is {label}."
 
@@ -50,20 +45,11 @@ class NLIZeroShotSpecialist(Specialist):
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, device=None,
                  _model_source: str | None = None):
         super().__init__(config, labels)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        source = _model_source or config.model
-        self.tokenizer = load_pretrained(AutoTokenizer, source)
-        self.model = load_pretrained(AutoModelForSequenceClassification, source)
-        self.native_labels = native_labels(self.model.config)
+        commit = open_classifier(self, _model_source or config.model, device)
         self.entailment = entailment_index(self.native_labels, model=config.model)
         phrases = verbalise_labels(self.labels, config.label_texts)
         self.hypotheses = fill_template(config.template or DEFAULT_TEMPLATE, phrases)
-        self.device = pick_device(device)
-        self.model.to(self.device).eval()
-        commit = getattr(self.model.config, "_commit_hash", None) or getattr(self.model.config, "_name_or_path", "")
         self.version = f"nli-{digest(config.model, commit, self.native_labels, self.hypotheses)}"
-
 
     def predict_proba(self, texts) -> np.ndarray:
         texts = self._clean_texts(texts)
@@ -86,16 +72,8 @@ class NLIZeroShotSpecialist(Specialist):
         return softmax_rows(logits)
 
     def save(self, directory) -> None:
-        directory = self._write_manifest(directory, model_dir=MODEL_DIR, native_labels=self.native_labels,
-                                         hypotheses=self.hypotheses)
-        self.model.save_pretrained(directory / MODEL_DIR)
-        self.tokenizer.save_pretrained(directory / MODEL_DIR)
+        save_classifier(self, directory, hypotheses=self.hypotheses)
 
     @classmethod
     def load(cls, directory, *, device=None) -> "NLIZeroShotSpecialist":
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        spec = cls(SpecialistConfig(**manifest["config"]), manifest["labels"], device=device,
-                   _model_source=str(directory / MODEL_DIR))
-        spec.version = manifest["version"]
-        return spec
+        return load_classifier(cls, directory, device=device)
