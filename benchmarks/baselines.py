@@ -69,6 +69,7 @@ def controller_alone(texts, labels, descriptions, instruction, controller_cfg, s
     wall = time.monotonic() - t
     return {
         "pred": [a.label for a in answers],
+        "reasons": [a.reason for a in answers],
         "tokens": sum(a.prompt_tokens + a.completion_tokens for a in answers),
         "calls": sum(a.calls for a in answers),
         "wall_s": wall,
@@ -102,6 +103,12 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
     spec = load_task(None, task)
     if reuse:  # the pipeline's finished run: measure only what is missing (e.g. the controller alone)
         report = json.loads((work / "report.json").read_text())
+        if not args.base_url:  # the embedded LLM the controller-alone column needs (annotate would start it)
+            from labelwright.cluster import runtime
+            from labelwright.orchestrator.job import start_controller
+
+            runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
+            report["controller"]["base_url"] = start_controller(spec)[0].base_url
     else:
         report = annotate(sample, spec=spec, output=work / "labels.parquet", report_path=work / "report.json")
     df = pd.read_parquet(work / "labels.parquet")
@@ -117,6 +124,9 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
         update["timeout_s"] = EMBEDDED_TIMEOUT_S
     ctrl_cfg = spec.controller.model_copy(update=update)
     alone = controller_alone(df["text"], labels, spec.descriptions, spec.instruction, ctrl_cfg, work / "labels.run" / "seed")
+    if all(p is None for p in alone["pred"]):
+        raise SystemExit(f"controller alone: no row got an answer (first reason: {alone['reasons'][0]}); "
+                         f"is the controller at {ctrl_cfg.base_url} up?")
     results.append({"dataset": name, "method": "controller alone", "rows": rows_n,
                     "accuracy": accuracy(alone["pred"], gold), "macro_f1": macro_f1(alone["pred"], gold, labels),
                     "llm_share": 1.0, "tokens": alone["tokens"], "rows_per_s": rows_n / alone["wall_s"]})
