@@ -422,3 +422,18 @@ def test_zoo_resources_reach_the_specialist_config_and_unknown_keys_are_named():
     assert (config.kind, config.num_gpus, config.num_cpus, config.batch_size) == ("lm_scorer", 0.5, 2, 8)
     with pytest.raises(ConfigError, match=r"resources has unknown keys \['memory_gb'\]"):
         load_zoo(entries=[{**OFFLINE[2], "resources": {"memory_gb": 4}}], include_shipped=False)
+
+
+def test_a_resumed_run_reuses_its_saved_plan_and_its_drops_without_asking(tmp_path):
+    from labelwright.orchestrator.job import _plan
+    from labelwright.orchestrator.spec import load_task
+
+    spec = load_task(None, {"labels": LABELS})
+    plan = plan_of({"zoo_id": "minilm-probe"}, {"zoo_id": "tfidf"}, {"zoo_id": "minilm-zeroshot"}, rule="majority")
+    plan.check = {"dropped": ["minilm-zeroshot"], "specialists": {}}
+    plan.save(tmp_path / "plan.yaml")
+    planned = _plan(spec, None, controller=None, encoder=None, plan_path=None, run_dir=tmp_path, log=lambda m: None)
+    assert [c.name for c in planned.spec.specialists] == ["minilm-probe", "tfidf"]
+    assert planned.spec.voting.rule == "majority" and planned.record()["kept"] == ["minilm-probe", "tfidf"]
+    listed = load_task(None, {"labels": LABELS, "specialists": [{"name": "t", "kind": "tfidf_linear"}]})
+    assert _plan(listed, None, None, None, plan_path=None, run_dir=tmp_path / "other", log=print) is None
