@@ -188,7 +188,8 @@ def plot_stages(stages: dict, path: str | Path) -> Path:
         ax2.plot(x, [r.get("consensus_accuracy") for r in rows], "k^-", label="consensus rows (gold)")
     src = next(((r.get("check") or {}).get("source") for r in rows if (r.get("check") or {}).get("rows")), None)
     ax2.set(title=f"accuracy (check slice: {src or 'none'})", xlabel="stage", ylabel="accuracy", ylim=(0, 1))
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[1]:  # nothing to plot without a check slice or gold
+        ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
