@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import DATASETS, GENERIC_INSTRUCTION, INSTRUCTIONS, load_results, write_sample
+from common import add_common_args, base_task, load_results, write_sample
 from labelwright.orchestrator.report import accuracy, macro_f1
 
 HERE = Path(__file__).resolve().parent
@@ -85,21 +85,9 @@ def run_dataset(name: str, rows: int, out_dir: Path, args) -> list[dict]:
     if not reuse:
         shutil.rmtree(work, ignore_errors=True)
     sample, labels = write_sample(name, rows, work)
-    task = {
-        "labels": labels,
-        "gold_column": "label",
-        "instruction": INSTRUCTIONS.get(name, GENERIC_INSTRUCTION),
-        "controller": {"cache_path": args.cache or str(work / "cache.sqlite")},
-        "voting": {"rule": args.rule},
-        "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
-    }
-    if args.base_url:
-        task["controller"].update(base_url=args.base_url, model=args.model)
-    # The seed is picked from the train split's texts (their labels unused) and labelled by the
-    # controller, so on a small sample the pipeline's figures are its steady state, not the seed.
-    task["seed"] = {"pool_file": str(DATASETS / name / "train.csv")}
-    if args.seed_size:
-        task["seed"]["size"] = args.seed_size
+    task = {**base_task(name, labels, cache_path=args.cache or str(work / "cache.sqlite"), args=args),
+            "voting": {"rule": args.rule},
+            "planning": {"mode": "never"}}  # the default specialists, as measured before plans existed
     spec = load_task(None, task)
     if reuse:  # the pipeline's finished run: measure only what is missing (e.g. the controller alone)
         report = json.loads((work / "report.json").read_text())
@@ -161,13 +149,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="movie_sentiment,yahoo_topics,banking77")
-    ap.add_argument("--rows", type=int, default=200)
-    ap.add_argument("--seed-size", type=int, default=None)
+    add_common_args(ap, datasets="movie_sentiment,yahoo_topics,banking77", rows=200, out=HERE / "results")
     ap.add_argument("--rule", default="unanimity")
-    ap.add_argument("--base-url", default=None)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--cache", help="controller cache file for the pipeline (default: a fresh one per run); "
                                     "the controller-alone column never uses a cache")
     ap.add_argument("--reuse-pipeline", action="store_true",

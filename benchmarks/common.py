@@ -4,6 +4,7 @@ test split, and a results file that configurations (or datasets) can be added to
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -40,3 +41,53 @@ def load_results(out_dir: Path, name: str) -> list[dict]:
     for path in sorted(out_dir.glob(f"*/{name}")):
         results += json.loads(path.read_text())
     return results
+
+
+def add_common_args(ap, *, datasets: str, rows: int, out: Path) -> None:
+    """The flags every benchmark takes: which datasets, how many rows, the seed size, the controller, --out."""
+    ap.add_argument("--datasets", default=datasets)
+    ap.add_argument("--rows", type=int, default=rows)
+    ap.add_argument("--seed-size", type=int, default=None)
+    ap.add_argument("--base-url", default=None, help="OpenAI-compatible controller (default: the embedded LLM)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=str(out))
+
+
+def base_task(dataset: str, labels: list[str], *, cache_path: str, args) -> dict:
+    """The task every benchmark labels a dataset with: gold column, instruction, controller cache, and a seed
+    picked from the train split's texts (their labels unused) and labelled by the controller."""
+    task = {
+        "labels": labels,
+        "gold_column": "label",
+        "instruction": INSTRUCTIONS.get(dataset, GENERIC_INSTRUCTION),
+        "controller": {"cache_path": cache_path},
+        "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
+    }
+    if args.seed_size:
+        task["seed"]["size"] = args.seed_size
+    if args.base_url:
+        task["controller"].update(base_url=args.base_url, model=args.model)
+    return task
+
+
+def annotate_config(name: str, task: dict, sample: Path, work: Path) -> dict:
+    """Label ``sample`` with ``task`` into a fresh ``work/<configuration>/``; returns the report."""
+    from labelwright.orchestrator.job import annotate
+    from labelwright.orchestrator.spec import load_task
+
+    out = work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return annotate(sample, spec=load_task(None, task), output=out / "labels.parquet", report_path=out / "report.json")
+
+
+def run_configs(args, configs: dict, run_config, results_name: str) -> list[dict]:
+    """Each configuration named in ``args.configs`` ('|'-separated) on each dataset; the results of every
+    dataset measured into ``args.out`` so far (configurations can be run one at a time: others are kept)."""
+    out_dir = Path(args.out)
+    for dataset in [d for d in args.datasets.split(",") if d]:
+        work = out_dir / dataset
+        sample, labels = write_sample(dataset, args.rows, work)
+        for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
+            save_result(work / results_name, run_config(name, configs[name], sample, work, labels, dataset, args))
+    return load_results(out_dir, results_name)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from common import DATASETS, GENERIC_INSTRUCTION, INSTRUCTIONS, load_results, save_result, write_sample
+from common import add_common_args, annotate_config, base_task, run_configs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SET = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "minilm_probe", "kind": "embedding_linear"},
@@ -31,29 +30,11 @@ CONFIGS = {
 
 
 def run_config(name: str, extra: dict, sample: Path, work: Path, labels: list[str], dataset: str, args) -> dict:
-    from labelwright.orchestrator.job import annotate
-    from labelwright.orchestrator.spec import load_task
-
-    task = {
-        "labels": labels,
-        "gold_column": "label",
-        "instruction": INSTRUCTIONS.get(dataset, GENERIC_INSTRUCTION),
-        "controller": {"cache_path": str(work / "cache.sqlite")},
-        "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
-        "stages": {"enabled": False},
-        **json.loads(json.dumps(extra)),
-    }
+    task = {**base_task(dataset, labels, cache_path=str(work / "cache.sqlite"), args=args),
+            "stages": {"enabled": False}, **json.loads(json.dumps(extra))}
     if "planning" in task:
         task["planning"]["allow_hub"] = args.allow_hub
-    if args.seed_size:
-        task["seed"]["size"] = args.seed_size
-    if args.base_url:
-        task["controller"].update(base_url=args.base_url, model=args.model)
-    out = work / name.replace(" ", "_")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    report = annotate(sample, spec=load_task(None, task), output=out / "labels.parquet",
-                      report_path=out / "report.json")
+    report = annotate_config(name, task, sample, work)
     plan = report.get("plan") or {}
     return {
         "dataset": dataset, "config": name, "rows": report["rows_in"],
@@ -81,24 +62,10 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="movie_sentiment,yahoo_topics,banking77")
-    ap.add_argument("--rows", type=int, default=200)
-    ap.add_argument("--seed-size", type=int, default=None)
+    add_common_args(ap, datasets="movie_sentiment,yahoo_topics,banking77", rows=200, out=HERE / "results-plans")
     ap.add_argument("--configs", default="|".join(CONFIGS), help="'|'-separated subset of: " + " | ".join(CONFIGS))
     ap.add_argument("--allow-hub", action="store_true", help="plans may choose hub models (needs hub access)")
-    ap.add_argument("--base-url", default=None)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--out", default=str(HERE / "results-plans"))
-    args = ap.parse_args()
-    out_dir = Path(args.out)
-    for dataset in [d for d in args.datasets.split(",") if d]:
-        work = out_dir / dataset
-        sample, labels = write_sample(dataset, args.rows, work)
-        for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
-            # configurations can be run one at a time: the others' results are kept
-            save_result(work / "plans.json", run_config(name, CONFIGS[name], sample, work, labels, dataset, args))
-    results = load_results(out_dir, "plans.json")
-    print(table(results))
+    print(table(run_configs(ap.parse_args(), CONFIGS, run_config, "plans.json")))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ tokens count every row sent to the controller, cached or not).
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from common import DATASETS, GENERIC_INSTRUCTION, INSTRUCTIONS, load_results, save_result, write_sample
+from common import add_common_args, annotate_config, base_task, run_configs
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -34,29 +33,13 @@ DEFAULT_CONFIGS = "no stages|stages + replay|stages, no replay"
 
 
 def run_config(name: str, stages: dict, sample: Path, work: Path, labels: list[str], dataset: str, args) -> dict:
-    from labelwright.orchestrator.job import annotate
-    from labelwright.orchestrator.spec import load_task
-
     task = {
-        "labels": labels,
-        "gold_column": "label",
-        "instruction": INSTRUCTIONS.get(dataset, GENERIC_INSTRUCTION),
-        "controller": {"cache_path": str(work / "cache.sqlite")},
-        "seed": {"pool_file": str(DATASETS / dataset / "train.csv")},
+        **base_task(dataset, labels, cache_path=str(work / "cache.sqlite"), args=args),
         "stages": {"every_rows": args.every_rows, "check_rows": args.check_rows, **stages},
         "runtime": {"vote_batch_size": args.batch_size},
         "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
     }
-    if args.seed_size:
-        task["seed"]["size"] = args.seed_size
-    if args.base_url:
-        task["controller"].update(base_url=args.base_url, model=args.model)
-    slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
-    out = work / slug
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    report = annotate(sample, spec=load_task(None, task), output=out / "labels.parquet",
-                      report_path=out / "report.json")
+    report = annotate_config(name, task, sample, work)
     st = report["stages"]["stages"]
     return {
         "dataset": dataset, "config": name, "rows": report["rows_in"],
@@ -97,25 +80,12 @@ def summary_table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="movie_sentiment,yahoo_topics")
-    ap.add_argument("--rows", type=int, default=2000)
+    add_common_args(ap, datasets="movie_sentiment,yahoo_topics", rows=2000, out=HERE / "results-stages")
     ap.add_argument("--every-rows", type=int, default=200, help="new controller rows that start a stage")
     ap.add_argument("--check-rows", type=int, default=300, help="held-out gold rows that check each stage")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed-size", type=int, default=None)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="'|'-separated subset of: " + " | ".join(CONFIGS))
-    ap.add_argument("--base-url", default=None)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--out", default=str(HERE / "results-stages"))
-    args = ap.parse_args()
-    out_dir = Path(args.out)
-    for dataset in [d for d in args.datasets.split(",") if d]:
-        work = out_dir / dataset
-        sample, labels = write_sample(dataset, args.rows, work)
-        for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
-            # configurations can be run one at a time: the others' results are kept
-            save_result(work / "stages.json", run_config(name, CONFIGS[name], sample, work, labels, dataset, args))
-    results = load_results(out_dir, "stages.json")
+    results = run_configs(ap.parse_args(), CONFIGS, run_config, "stages.json")
     print(summary_table(results))
     for r in results:
         print()
