@@ -26,6 +26,17 @@ def movie_slice(datasets_dir: Path, directory: Path, rows: int):
     return path, df
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: 2 threads on a busy 2-core box spin-wait badly."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A local Ray cluster shared by every integration test; shut down at the end of the session."""

@@ -22,12 +22,7 @@ LABELS = ["negative", "positive"]
 ODD_TEXTS = ["", None, "word " * 20_000, "\u00e9\u00e8 \U0001f600 \t\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a busy 2-core box spin-wait badly
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ LABELS = ["negative", "positive"]
 TEXTS = ["a wonderful, moving film", "a dull and awful mess", "the plot is thin"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a busy 2-core box spin-wait badly
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_round_trip(spec, directory, texts, probs):
