@@ -122,13 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _planning_zoo(args, spec):
-    from labelwright.specialists.zoo import load_zoo
-
-    cfg = spec.planning
-    return load_zoo([*cfg.zoo_files, *(args.zoo or [])], entries=cfg.zoo, model_dirs=cfg.model_dirs)
-
-
 def _plan_command(args) -> None:
     from labelwright.cluster import runtime
     from labelwright.orchestrator.dataset_io import read_frame
@@ -136,9 +129,11 @@ def _plan_command(args) -> None:
     from labelwright.orchestrator.plan import make_plan
     from labelwright.orchestrator.spec import load_task
     from labelwright.specialists.encoder import Encoder
+    from labelwright.specialists.zoo import planning_zoo
 
     spec = load_task(args.task, _overrides(args))
-    zoo = _planning_zoo(args, spec)
+    spec.planning.zoo_files += args.zoo or []
+    zoo = planning_zoo(spec.planning)
     samples: list[str] = []
     if args.input and spec.planning.sample_rows:
         df = read_frame(args.input)
@@ -163,10 +158,11 @@ def _plan_command(args) -> None:
 def _zoo_command(args) -> None:
     from labelwright.orchestrator.plan import ineligible
     from labelwright.orchestrator.spec import PlanningConfig, load_task
+    from labelwright.specialists.zoo import planning_zoo
 
-    spec = load_task(args.task, {"labels": ["a", "b"]} if args.task is None else None)
-    zoo = _planning_zoo(args, spec)
-    cfg = spec.planning if args.task else PlanningConfig(allow_hub=True)
+    cfg = load_task(args.task).planning if args.task else PlanningConfig(allow_hub=True)
+    cfg.zoo_files += args.zoo or []
+    zoo = planning_zoo(cfg)
     print(f"{'id':26} {'kind':20} {'families':24} {'params':>8}  offline  model")
     for e in zoo:
         kind = e.kind + (f"/{e.head or e.method}" if (e.head or e.method) else "")

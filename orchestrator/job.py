@@ -279,13 +279,13 @@ class _Planned:
 def _plan(spec: TaskSpec, staged: StagedInput, controller, encoder, *, plan_path, run_dir: Path, log) -> _Planned | None:
     """The plan for this run: ``plan_path``; the one a killed run saved; or a new one. None: no planning."""
     from labelwright.orchestrator.plan import load_plan, make_plan, validate_plan
-    from labelwright.specialists.zoo import load_zoo
+    from labelwright.specialists.zoo import planning_zoo
 
     cfg = spec.planning
     wanted = cfg.mode == "always" or (cfg.mode == "auto" and "specialists" not in spec.model_fields_set)
     if plan_path is None and not wanted:
         return None
-    zoo = load_zoo(cfg.zoo_files, entries=cfg.zoo, model_dirs=cfg.model_dirs)
+    zoo = planning_zoo(cfg)
     saved = run_dir / "plan.yaml"
     if plan_path is not None:
         plan = load_plan(plan_path)

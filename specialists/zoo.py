@@ -225,3 +225,8 @@ def load_zoo(files: Iterable[str | Path] = (), *, entries: Iterable[dict] = (), 
     if entries:
         out += _entries_from(entries, "entries in the task spec (planning.zoo)", None, dirs)
     return Zoo(out)
+
+
+def planning_zoo(planning) -> Zoo:
+    """The zoo a task's ``planning`` settings name: shipped, then its files, then its inline entries."""
+    return load_zoo(planning.zoo_files, entries=planning.zoo, model_dirs=planning.model_dirs)
