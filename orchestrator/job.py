@@ -202,7 +202,7 @@ def annotate(
     )
     timings["train"] = time.monotonic() - t
     if planned is not None:
-        spec, checkpoints = planned.check(spec, seed, checkpoints, output=output, log=log)
+        spec, checkpoints = planned.check(seed, checkpoints, output=output, log=log)
 
     app_prefix = "lw-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
     by_name = {c.name: c for c in spec.specialists}
@@ -256,10 +256,12 @@ class _Planned:
             keep = [c for c in self.spec.specialists if c.name not in dropped]
             self.spec = self.spec.model_copy(update={"specialists": keep})
 
-    def check(self, spec: TaskSpec, seed, checkpoints: dict[str, str], *, output: Path, log) -> tuple[TaskSpec, dict]:
-        """Run the sample-driven check once (a resumed run reuses its record); save the plan."""
+    def check(self, seed, checkpoints: dict[str, str], *, output: Path, log) -> tuple[TaskSpec, dict]:
+        """Run the sample-driven check once (a resumed run reuses its record); save the plan. Returns the
+        task without the dropped specialists, and their checkpoints."""
         from labelwright.orchestrator.plan import sample_check
 
+        spec = self.spec
         if self.plan.check is None and spec.planning.check:
             _, self.plan.check = sample_check(
                 self.plan, spec.specialists, checkpoints, self.zoo, texts=seed.texts, labels=seed.labels,
