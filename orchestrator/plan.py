@@ -327,11 +327,6 @@ def _count(usage: dict[str, int], answer):
     return answer
 
 
-def _enum_schema(field: str, allowed: Sequence[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": {field: {"type": "string", "enum": list(allowed)}},
-            "required": [field], "additionalProperties": False}
-
-
 NO_LABEL = "(none of them)"
 
 
@@ -350,7 +345,7 @@ def ask_stepwise(controller, entries: Sequence[ZooEntry], *, labels: Sequence[st
         ask = messages + [{"role": "user", "content": (
             f"Chosen so far: {so_far}. Which catalogue entry should be specialist {slot + 1} of {cfg.specialists}? "
             'Reply {"zoo_id": "<catalogue id>"}.')}]
-        ans = _count(usage, controller.complete_json(ask, schema=_enum_schema("zoo_id", left), name="zoo_id",
+        ans = _count(usage, controller.complete_json(ask, schema=prompts.enum_schema("zoo_id", left), name="zoo_id",
                                                      max_tokens=32))
         pick = ans.value.get("zoo_id") if isinstance(ans.value, dict) else None
         if pick not in left:
@@ -367,7 +362,7 @@ def ask_stepwise(controller, entries: Sequence[ZooEntry], *, labels: Sequence[st
             ask = messages + [{"role": "user", "content": (
                 f"The model {entry.id} answers with the native label {native!r}. Which task label does that "
                 f'mean? Reply {{"task_label": "<one of {options}>"}}.')}]
-            ans = _count(usage, controller.complete_json(ask, schema=_enum_schema("task_label", options),
+            ans = _count(usage, controller.complete_json(ask, schema=prompts.enum_schema("task_label", options),
                                                          name="task_label", max_tokens=32))
             said = ans.value.get("task_label") if isinstance(ans.value, dict) else None
             if said in labels:

@@ -117,12 +117,13 @@ def repair_messages(bad_answer: str, problem: str, *, labels: Sequence[str]) -> 
 
 def response_format(mode: StructuredOutput, labels: Sequence[str]) -> dict[str, Any] | None:
     """The ``response_format`` request field for ``mode`` (None: send none, rely on the prompt)."""
-    return schema_format(mode, "label", {
-        "type": "object",
-        "properties": {"label": {"type": "string", "enum": list(labels)}},
-        "required": ["label"],
-        "additionalProperties": False,
-    })
+    return schema_format(mode, "label", enum_schema("label", labels))
+
+
+def enum_schema(field: str, allowed: Sequence[str]) -> dict[str, Any]:
+    """A JSON object with one string ``field`` restricted to ``allowed`` (what the embedded LLM constrains)."""
+    return {"type": "object", "properties": {field: {"type": "string", "enum": list(allowed)}},
+            "required": [field], "additionalProperties": False}
 
 
 def schema_format(mode: StructuredOutput, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
