@@ -85,8 +85,9 @@ def load_plan(path: str | Path) -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"plan file {path} is not a plan: {problems}") from None
+        from labelwright.orchestrator.spec import error_lines
+
+        raise ConfigError(f"plan file {path} is not a plan: {'; '.join(error_lines(err))}") from None
 
 
 # ------------------------------------------------------------------------------------- validation

@@ -199,13 +199,14 @@ class TaskSpec(_Strict):
         return {lab.name: lab.description for lab in self.labels if lab.description}
 
 
+def error_lines(err: ValidationError, *, top: str = "(top level)") -> list[str]:
+    """Each validation error as "field.path: message" (our validators' messages say what to do)."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or top}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()]
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {where}: {msg}")
-    return f"invalid task spec ({source}):\n" + "\n".join(lines)
+    return f"invalid task spec ({source}):\n" + "\n".join(f"  - {line}" for line in error_lines(err))
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

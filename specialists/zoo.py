@@ -12,7 +12,6 @@ neither a zoo file nor a plan can point a specialist at an arbitrary file.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from labelwright.orchestrator.errors import ConfigError
 from labelwright.specialists.base import SpecialistConfig
+from labelwright.specialists.encoder import looks_like_path
 
 SHIPPED_ZOO = Path(__file__).with_name("zoo.yaml")
 ZooKind = Literal["classifier", "encoder", "zero_shot", "linear"]
@@ -172,20 +172,14 @@ def _entries_from(data: Any, source: str, base_dir: Path | None, model_dirs: lis
         try:
             entry = ZooEntry.model_validate(raw)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in err.errors()
-            )
-            raise ConfigError(f"{where}: {problems}") from None
+            from labelwright.orchestrator.spec import error_lines
+
+            raise ConfigError(f"{where}: {'; '.join(error_lines(err, top='entry'))}") from None
         if entry.id in seen:
             raise ConfigError(f"{where}: id {entry.id!r} appears twice in this zoo; give each entry its own id")
         seen.add(entry.id)
         out.append(_checked_local_path(entry, where, base_dir, model_dirs))
     return out
-
-
-def _looks_local(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
 
 
 def _checked_local_path(entry: ZooEntry, where: str, base_dir: Path | None, model_dirs: list[Path]) -> ZooEntry:
@@ -195,7 +189,7 @@ def _checked_local_path(entry: ZooEntry, where: str, base_dir: Path | None, mode
     candidate = Path(entry.model).expanduser()
     if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
         candidate = base_dir / candidate
-    if not (_looks_local(entry.model) or candidate.exists()):
+    if not (looks_like_path(entry.model) or candidate.exists()):
         return entry  # a hub id
     resolved = candidate.resolve()
     allowed = [d.resolve() for d in model_dirs]
