@@ -28,13 +28,19 @@ CONFIGS = {
     "stages + replay": {"enabled": True, "replay_ratio": 1.0},
     "stages, no replay": {"enabled": True, "replay_ratio": 0.0},
     "stages + replay, wait": {"enabled": True, "replay_ratio": 1.0, "wait": True},
+    # the voting threshold calibrated on the held-out gold rows at every stage (voting.target_accuracy)
+    "no stages, calibrated": {"enabled": False, "calibrated": True},
+    "stages + replay, wait, calibrated": {"enabled": True, "replay_ratio": 1.0, "wait": True, "calibrated": True},
 }
 DEFAULT_CONFIGS = "no stages|stages + replay|stages, no replay"
 
 
 def run_config(name: str, stages: dict, sample: Path, work: Path, labels: list[str], dataset: str, args) -> dict:
+    stages = dict(stages)
+    calibrated = stages.pop("calibrated", False)
     task = {
         **base_task(dataset, labels, cache_path=str(work / "cache.sqlite"), args=args),
+        "voting": {"target_accuracy": args.target_accuracy if calibrated else None},
         "stages": {"every_rows": args.every_rows, "check_rows": args.check_rows, **stages},
         "runtime": {"vote_batch_size": args.batch_size},
         "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
@@ -48,22 +54,24 @@ def run_config(name: str, stages: dict, sample: Path, work: Path, labels: list[s
         "tokens": report["llm"]["prompt_tokens"] + report["llm"]["completion_tokens"],
         "cache_hits": report["llm"]["cache_hits"], "wall_s": report["wall_s"],
         "label_s": report["timings_s"].get("label"), "stages": st, "plot": report["stages"].get("plot"),
-        "seed": report["seed"],
+        "seed": report["seed"], "target_accuracy": report["voting"]["target_accuracy"],
     }
 
 
 def stage_table(result: dict) -> str:
     lines = [f"### {result['dataset']}: {result['config']} ({result['rows']} rows)", "",
              "| stage | rows voted | LLM share | consensus acc (gold) | held-out acc per specialist | "
-             "hard share (held-out) | Ray Train / fit s | rolled back |",
-             "|---|---|---|---|---|---|---|---|"]
+             "hard share (held-out) | threshold | Ray Train / fit s | rolled back |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in result["stages"]:
         chk = s.get("check") or {}
         accs = ", ".join(f"{n} {a:.3f}" for n, a in (chk.get("specialists") or {}).items())
         share = "" if s["hard_share"] is None else f"{s['hard_share']:.0%}"
         cons = "" if s.get("consensus_accuracy") is None else f"{s['consensus_accuracy']:.3f}"
         held = "" if chk.get("hard_share") is None else f"{chk['hard_share']:.0%}"
-        lines.append(f"| {s['stage']} | {s['rows']} | {share} | {cons} | {accs} | {held} | "
+        gate = chk.get("gate")
+        threshold = "-" if gate is None else "none" if gate["threshold"] is None else f"{gate['threshold']:.3f}"
+        lines.append(f"| {s['stage']} | {s['rows']} | {share} | {cons} | {accs} | {held} | {threshold} | "
                      f"{s.get('train_s') or 0:.0f} | {', '.join(s.get('rolled_back') or []) or '-'} |")
     return "\n".join(lines)
 
@@ -84,6 +92,8 @@ def main() -> None:
     ap.add_argument("--every-rows", type=int, default=200, help="new controller rows that start a stage")
     ap.add_argument("--check-rows", type=int, default=300, help="held-out gold rows that check each stage")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--target-accuracy", type=float, default=0.8,
+                    help="consensus accuracy the calibrated configurations hold the voting threshold to")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="'|'-separated subset of: " + " | ".join(CONFIGS))
     results = run_configs(ap.parse_args(), CONFIGS, run_config, "stages.json")
     print(summary_table(results))

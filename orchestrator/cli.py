@@ -31,6 +31,8 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--llm", help="embedded LLM model: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct or a path")
     p.add_argument("--voting-rule", help="unanimity, majority or confidence_weighted")
     p.add_argument("--threshold", type=float, help="minimum mean probability for a consensus label")
+    p.add_argument("--target-accuracy", type=float,
+                   help="calibrate the threshold at every stage on held-out rows to reach this consensus accuracy")
     p.add_argument("--seed-size", type=int, help="rows the controller labels first to train the specialists")
     p.add_argument("--seed-file", help="gold-labelled seed file (columns text,label) used instead of the controller")
     p.add_argument("--max-llm-calls", type=int, help="budget: rows past it stay unresolved")
@@ -83,7 +85,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "instruction": a.instruction,
         "controller": {"base_url": a.base_url, "model": a.model},
         "embedded_llm": {"model": a.llm},
-        "voting": {"rule": a.voting_rule, "threshold": a.threshold},
+        "voting": {"rule": a.voting_rule, "threshold": a.threshold, "target_accuracy": a.target_accuracy},
         "seed": {"size": a.seed_size, "gold_file": a.seed_file},
         "budget": {"max_llm_calls": a.max_llm_calls, "max_llm_tokens": a.max_llm_tokens},
         "runtime": {"address": a.address},

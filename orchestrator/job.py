@@ -211,7 +211,7 @@ def annotate(
         deploy_specialists([by_name[n] for n in changed], changed, app_prefix=app_prefix, gpu=gpu)
 
     gate = None
-    if spec.stages.enabled and spec.stages.wait:
+    if (spec.stages.enabled and spec.stages.wait) or spec.voting.target_accuracy is not None:
         import ray
 
         from labelwright.orchestrator.learning import StageGate
@@ -348,7 +348,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
     t = time.monotonic()
     vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
                         threshold=spec.voting.threshold, weights=spec.voting.weights,
-                        max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
+                        calibrated=spec.voting.target_accuracy is not None, max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
     done_rows = sum(s.n_rows for s in staged.shards if s.index in done_shards)
     learning.rows_seen = learning.rows_at_last_stage = done_rows
     if todo:
@@ -373,7 +373,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
                                 batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
                                 compute=ActorPoolStrategy(size=n_ctrl))
         else:
-            ds = ds.map_batches(VoteStage, fn_constructor_args=(vote,), batch_format="pandas",
+            ds = ds.map_batches(VoteStage, fn_constructor_args=(vote, learning.gate), batch_format="pandas",
                                 batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
                                 compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
             ds = ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
@@ -391,7 +391,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
     df["stage"] = learning.row_stages(df, names)
     stages_report = learning.report(df)
     if spec.stages.recheck:
-        df, stages_report["recheck"] = _recheck(df, vote, learning.stage, spec.runtime.vote_batch_size, log)
+        df, stages_report["recheck"] = _recheck(df, vote, learning.stage, spec.runtime.vote_batch_size, log,
+                                                gate=learning.gate)
     df = _order_columns(df, names, staged.passthrough)
     write_frame(df, output, output_format)
     wall = time.monotonic() - t0
@@ -437,14 +438,15 @@ def _usage_so_far(parts_dir: Path, done: set[int], seed) -> tuple[int, int]:
     return calls, tokens
 
 
-def _recheck(df: pd.DataFrame, vote: VoteSettings, stage: int, batch_size: int, log) -> tuple[pd.DataFrame, dict]:
+def _recheck(df: pd.DataFrame, vote: VoteSettings, stage: int, batch_size: int, log,
+             gate=None) -> tuple[pd.DataFrame, dict]:
     """Re-vote rows settled by consensus before the last stage with the final specialists. The answer
     goes to ``recheck_label`` (None where the rows are now hard) and the report; ``label`` is kept."""
     old = df[(df["decided_by"] == "consensus") & (df["stage"] < stage) & ~df["seed"].astype(bool)]
     df = df.assign(recheck_label=None)
     if old.empty:
         return df, {"rows": 0, "changed": 0, "now_hard": 0}
-    voter = VoteStage(vote)
+    voter = VoteStage(vote, gate)
     labels = []
     for start in range(0, len(old), batch_size):
         part = voter(old.iloc[start:start + batch_size][["text", "skip_reason"]].copy())

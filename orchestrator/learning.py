@@ -70,7 +70,6 @@ class StagedLearning:
         self.seed_texts, self.seed_labels = seed_texts, seed_labels
         self.check, self.exclude_rows = check, exclude_rows
         self.total_rows, self.gpu, self.swap_fn, self.log = total_rows, gpu, swap, log
-        self.rule_kwargs = {} if spec.voting.threshold is None else {"threshold": spec.voting.threshold}
         fraction = self.cfg.validation_fraction if check.source == "controller" else 0.0
         self.buffer = HardBuffer(self.run_dir / "buffer", validation_fraction=fraction)
         self.path = self.run_dir / RECORDS
@@ -81,8 +80,7 @@ class StagedLearning:
                 "stage": 0, "new_rows": len(seed_texts), "replay_rows": 0, "upto_seq": -1,
                 "train_s": round(stage0_train_s, 2), "checkpoints": dict(stage0), "candidates": dict(stage0),
                 "rolled_back": [], "checked": len(check0) > 0,
-                "check": evaluate(stage0, check0, label_names=spec.label_names, rule=spec.voting.rule,
-                                  rule_kwargs=self.rule_kwargs),
+                "check": evaluate(stage0, check0, label_names=spec.label_names, voting=spec.voting),
                 "versions": versions_of(stage0), "rows_seen_at_start": 0,
             })
             _write_json(self.path, self.records)
@@ -98,7 +96,14 @@ class StagedLearning:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelwright-stage")
         self._future: Future | None = None
         self._lock = threading.Lock()
-        self.gate = gate  # a StageGate actor when stages.wait: voting pauses while a stage trains
+        self.gate = gate  # StageGate actor: pauses voting (stages.wait), carries calibrated thresholds
+        for rec in self.records:  # a resumed run's voters need the thresholds of the stages already run
+            self._publish_threshold(rec)
+        if spec.voting.target_accuracy is not None and len(self._check_set()) < self.cfg.min_check_rows:
+            where = ("controller rows held out of training arrive with the stages" if self.cfg.enabled
+                     else "give a gold column or enable stages to have some")
+            log(f"voting.target_accuracy: fewer than stages.min_check_rows={self.cfg.min_check_rows} held-out rows "
+                f"to calibrate on ({where}); voting uses the rule's own threshold until a stage calibrates it")
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -188,8 +193,8 @@ class StagedLearning:
         check = self._check_set()
         self.log(f"stage {stage}: training on {int((train['seq'] > since).sum())} new controller rows "
                  f"(buffer {len(frame)}, {len(check)} held-out {check.source} rows to check it); "
-                 f"voting {'waits' if self.gate is not None else 'goes on with stage ' + str(self.stage)}")
-        if self.gate is not None:
+                 f"voting {'waits' if self.cfg.wait else 'goes on with stage ' + str(self.stage)}")
+        if self.gate is not None and self.cfg.wait:
             self.gate.close.remote()
         self._future = self._pool.submit(self._run, stage, train, since, check)
 
@@ -199,7 +204,7 @@ class StagedLearning:
         try:
             self._train_check_swap(stage, train, since, check)
         finally:
-            if self.gate is not None:
+            if self.gate is not None and self.cfg.wait:
                 self.gate.open.remote()
 
     def _train_check_swap(self, stage: int, train: pd.DataFrame, since: int, check: CheckSet) -> None:
@@ -209,18 +214,19 @@ class StagedLearning:
             self.spec.specialists, stage=stage, deployed=dict(self.deployed),
             seed_texts=self.seed_texts, seed_labels=self.seed_labels, buffer=train, since_seq=since,
             upto_seq=self._pending_upto, replay_ratio=self.cfg.replay_ratio, check=check,
-            label_names=self.spec.label_names, run_dir=self.run_dir, rule=self.spec.voting.rule,
-            rule_kwargs=self.rule_kwargs, tolerance=self.cfg.rollback_tolerance,
+            label_names=self.spec.label_names, run_dir=self.run_dir, voting=self.spec.voting,
+            tolerance=self.cfg.rollback_tolerance,
             min_check_rows=self.cfg.min_check_rows, train_workers=runtime.train_workers, use_gpu=self.gpu,
             log=self.log,
         )
         changed = {n: p for n, p in record["checkpoints"].items() if p != self.deployed.get(n)}
+        record["versions"] = versions_of(record["checkpoints"])
+        self._publish_threshold(record)  # before the swap: the first batch the new versions vote needs it
         t = time.monotonic()
         if changed:
             self.swap_fn(changed)
         record.update(swap_s=round(time.monotonic() - t, 2), wall_s=round(time.monotonic() - started, 2),
-                      rows_seen_at_start=self._pending_seen, rows_seen_at_swap=self.rows_seen,
-                      versions=versions_of(record["checkpoints"]))
+                      rows_seen_at_start=self._pending_seen, rows_seen_at_swap=self.rows_seen)
         self._record(record)
         msg = f"stage {stage}: deployed ({', '.join(changed) or 'no specialist changed'}) in {record['wall_s']:.0f} s"
         if record["rolled_back"]:
@@ -229,7 +235,18 @@ class StagedLearning:
         if chk.get("rows"):
             accs = ", ".join(f"{n} {a:.3f}" for n, a in chk["specialists"].items())
             msg += f"; on {chk['rows']} held-out {chk['source']} rows: {accs}, hard share {chk['hard_share']:.0%}"
+            if "gate" in chk:
+                msg += f" at calibrated threshold {_threshold_text(chk['gate']['threshold'])}"
         self.log(msg)
+
+    def _publish_threshold(self, record: dict) -> None:
+        """Hand the stage's calibrated threshold (if its check fitted one on enough rows) to the voters."""
+        fit = (record.get("check") or {}).get("gate")
+        if self.gate is None or fit is None or record.get("failed") or fit["rows"] < self.cfg.min_check_rows:
+            return
+        import ray
+
+        ray.get(self.gate.set_threshold.remote(record["versions"], fit["threshold"]))
 
     # ---- reporting -----------------------------------------------------------------------------
     def row_stages(self, df: pd.DataFrame, names: list[str]) -> pd.Series:
@@ -273,7 +290,9 @@ class StagedLearning:
 
 
 class StageGate:
-    """Pauses voting while a stage trains (``stages.wait``): label actors wait on it before each batch.
+    """What voting asks the stages before a batch: whether to wait (``stages.wait`` pauses voting while
+    a stage trains) and which calibrated threshold goes with the specialist versions that voted
+    (``voting.target_accuracy``: each stage publishes its threshold before its weights are swapped in).
 
     Run as a Ray actor (``ray.remote(num_cpus=0)(StageGate)``); async so waiters never block open/close.
     """
@@ -283,6 +302,7 @@ class StageGate:
 
         self._open = asyncio.Event()
         self._open.set()
+        self._thresholds: list[tuple[dict[str, str], float | None]] = []
 
     async def close(self) -> None:
         self._open.clear()
@@ -292,6 +312,25 @@ class StageGate:
 
     async def wait(self) -> None:
         await self._open.wait()
+
+    async def set_threshold(self, versions: dict[str, str], threshold: float | None) -> None:
+        self._thresholds = [(v, t) for v, t in self._thresholds if v != versions] + [(dict(versions), threshold)]
+
+    async def threshold_for(self, versions: dict[str, str]) -> tuple[bool, float | None]:
+        """(known, threshold) for a batch voted by these versions. A batch voted while a swap rolls out
+        mixes two stages' versions: it gets the stricter of their thresholds (None, settle nothing,
+        is the strictest). (False, None) when no stage published one: use the configured threshold."""
+        for v, t in self._thresholds:
+            if v == versions:
+                return True, t
+        related = [t for v, t in self._thresholds if any(v.get(n) == ver for n, ver in versions.items())]
+        if not related:
+            return False, None
+        return True, None if any(t is None for t in related) else max(related)
+
+
+def _threshold_text(threshold: float | None) -> str:
+    return "none reaches the target: every row to the controller" if threshold is None else f"{threshold:.3f}"
 
 
 def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0):

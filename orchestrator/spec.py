@@ -40,6 +40,9 @@ class VotingConfig(_Strict):
     rule: str = "unanimity"
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # None = the rule's own default
     weights: dict[str, float] | None = None  # per specialist name; default equal
+    # Calibrate the threshold on held-out rows (gold, or controller rows kept out of training) at every
+    # stage: the lowest one at which the rule's consensus rows reach this accuracy. None: use `threshold`.
+    target_accuracy: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @field_validator("rule")
     @classmethod

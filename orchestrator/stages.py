@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from labelwright.orchestrator.seed import nearest
-from labelwright.orchestrator.voting import get_rule, mean_probs, top_candidates
+from labelwright.orchestrator.voting import gated, get_rule, mean_probs, top_candidates
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class VoteSettings:
     rule: str = "unanimity"
     threshold: float | None = None
     weights: dict[str, float] | None = None
+    calibrated: bool = False  # voting.target_accuracy: thresholds per specialist versions come from the StageGate
     max_chars: int = 20000
     candidates_k: int = 12
 
@@ -38,8 +39,9 @@ def vote_columns(names: Sequence[str]) -> list[str]:
 
 
 class VoteStage:
-    def __init__(self, settings: VoteSettings):
+    def __init__(self, settings: VoteSettings, gate=None):
         self.s = settings
+        self.gate = gate if settings.calibrated else None  # StageGate actor with the calibrated thresholds
         self.names = list(settings.endpoints)
         self.handles = {n: ep.handle() for n, ep in settings.endpoints.items()}
         self.rule = get_rule(settings.rule)
@@ -57,7 +59,7 @@ class VoteStage:
             pending = {name: h.predict.remote(texts) for name, h in self.handles.items()}
             results = {name: r.result() for name, r in pending.items()}
             probs = np.stack([results[name]["probs"] for name in self.names])  # (S, A, L)
-            votes = self.rule(probs, weights=self.weights, **self.rule_kwargs)
+            votes = self._votes(probs, {name: results[name]["version"] for name in self.names})
             avg = mean_probs(probs, self.weights)
             cands = top_candidates(avg, self.s.candidates_k)
             labels = self.s.labels
@@ -77,6 +79,15 @@ class VoteStage:
         for c, values in out.items():
             batch[c] = values
         return batch
+
+    def _votes(self, probs: np.ndarray, versions: dict[str, str]):
+        if self.gate is not None:
+            import ray
+
+            known, threshold = ray.get(self.gate.threshold_for.remote(versions))
+            if known:
+                return gated(self.rule(probs, weights=self.weights, threshold=0.0), threshold)
+        return self.rule(probs, weights=self.weights, **self.rule_kwargs)
 
 
 @dataclass
@@ -221,9 +232,9 @@ class LabelStage:
     """
 
     def __init__(self, vote: VoteSettings, controller: ControllerSettings, gate=None):
-        self.vote = VoteStage(vote)
+        self.vote = VoteStage(vote, gate)
         self.ask = ControllerStage(controller)
-        self.gate = gate  # StageGate actor (stages.wait): hold each batch while a stage trains
+        self.gate = gate  # StageGate actor: holds each batch while a stage trains (stages.wait)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self.gate is not None:

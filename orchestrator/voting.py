@@ -4,6 +4,11 @@ The maths are plain functions over arrays: ``probs`` has shape ``(n_specialists,
 and every rule returns a :class:`Votes` with one entry per row. A rule is chosen by name from the
 task spec through :data:`RULES`; a row a rule cannot settle is hard (``label == -1``) and goes to
 the controller.
+
+A rule's threshold can also be *calibrated* (:func:`calibrate`, ``voting.target_accuracy``): on
+held-out labelled rows, the lowest threshold at which the rows the rule settles reach a target
+accuracy. As the specialists improve stage after stage, the same target admits more rows, so the
+share sent to the controller can fall; a fixed agreement rule cannot see that they got better.
 """
 
 from __future__ import annotations
@@ -88,6 +93,58 @@ def confidence_weighted(
     leading = avg.argmax(axis=1)
     support = avg[np.arange(avg.shape[0]), leading]
     return Votes(label=np.where(support >= threshold, leading, -1), confidence=support, leading=leading)
+
+
+def gated(votes: Votes, threshold: float | None) -> Votes:
+    """The rule's votes (taken at threshold 0) with a calibrated threshold applied: rows whose
+    support is below it become hard; ``None`` (no threshold reached the target) makes every row hard."""
+    if threshold is None:
+        ok = np.zeros(len(votes.label), dtype=bool)
+    else:
+        ok = ~votes.hard & (votes.confidence >= threshold)
+    return Votes(label=np.where(ok, votes.label, -1), confidence=votes.confidence, leading=votes.leading)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float | None  # None: no threshold reaches the target on these rows; every row is hard
+    target: float
+    rows: int  # held-out rows it was fitted on
+    settled_share: float  # of those rows, the share the threshold settles
+    accuracy: float | None  # accuracy of the settled ones
+
+    def as_dict(self) -> dict:
+        return {"threshold": self.threshold, "target_accuracy": self.target, "rows": self.rows,
+                "settled_share": self.settled_share, "accuracy": self.accuracy}
+
+
+def calibrate(votes: Votes, correct: np.ndarray, *, target: float, min_settled: int = 5) -> Calibration:
+    """The lowest threshold on ``votes.confidence`` at which the rows the rule settles are right at
+    least ``target`` of the time, among thresholds that still settle ``min_settled`` rows.
+
+    ``votes`` is the rule applied at threshold 0 to held-out rows; ``correct[i]`` says whether row
+    i's leading label is its reference label (gold, or the controller's answer). In-sample on the
+    held-out rows, so the fitted accuracy is optimistic by the noise of a few hundred rows.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    n = len(correct)
+    base = ~votes.hard
+    conf = votes.confidence[base]
+    right = correct[base]
+    order = np.argsort(-conf, kind="stable")  # most confident first
+    conf, right = conf[order], right[order]
+    hits = np.cumsum(right)
+    best = None
+    # admitting the k most confident rows means threshold conf[k-1]; ties admit together
+    for k in range(len(conf), min_settled - 1, -1):
+        if k < len(conf) and conf[k] == conf[k - 1]:
+            continue
+        if hits[k - 1] / k >= target:
+            best = k
+            break
+    if best is None:
+        return Calibration(None, target, n, 0.0, None)
+    return Calibration(float(conf[best - 1]), target, n, best / n if n else 0.0, float(hits[best - 1] / best))
 
 
 RULES: dict[str, Callable[..., Votes]] = {

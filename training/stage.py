@@ -125,17 +125,21 @@ class CheckSet:
         return len(self.texts)
 
 
-def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], rule: str = "unanimity",
-             rule_kwargs: dict | None = None, probs_cache: dict[str, np.ndarray] | None = None) -> dict:
-    """Each specialist's accuracy on the check rows, and what the voting rule makes of them together:
-    the share of hard rows and the accuracy of the consensus rows. ``probs_cache`` (checkpoint path ->
-    probabilities on these rows) lets several evaluations of one stage load and run each checkpoint once."""
-    from labelwright.orchestrator.voting import get_rule
+def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], voting=None,
+             probs_cache: dict[str, np.ndarray] | None = None) -> dict:
+    """Each specialist's accuracy on the check rows, and what the voting rule (``voting``, the task's
+    :class:`VotingConfig`; unanimity when None) makes of them together: the share of hard rows and the
+    accuracy of the consensus rows. With ``voting.target_accuracy`` the rule's threshold is calibrated
+    on these rows first (``gate`` in the result) and the shares are those under it. ``probs_cache``
+    (checkpoint path -> probabilities on these rows) lets several evaluations of one stage load and run
+    each checkpoint once."""
+    from labelwright.orchestrator.voting import calibrate, gated, get_rule
     from labelwright.specialists.registry import load_specialist
 
     if not len(check):
         return {"rows": 0, "source": check.source, "specialists": {}, "hard_share": None, "consensus_accuracy": None}
     gold = np.array(check.labels, dtype=object)
+    names = np.array(label_names, dtype=object)
     probs, acc = [], {}
     cache = {} if probs_cache is None else probs_cache
     for name, path in checkpoints.items():
@@ -143,15 +147,24 @@ def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[
             cache[path] = np.asarray(load_specialist(path).predict_proba(check.texts), dtype=np.float64)
         p = cache[path]
         probs.append(p)
-        acc[name] = float(np.mean(np.array(label_names, dtype=object)[p.argmax(1)] == gold))
-    votes = get_rule(rule)(np.stack(probs), **(rule_kwargs or {}))
+        acc[name] = float(np.mean(names[p.argmax(1)] == gold))
+    rule = get_rule(voting.rule if voting is not None else "unanimity")
+    weights = None if voting is None or not voting.weights else [voting.weights.get(n, 1.0) for n in checkpoints]
+    target = None if voting is None else voting.target_accuracy
+    out: dict = {"rows": len(check), "source": check.source, "specialists": acc}
+    if target is None:
+        threshold = {} if voting is None or voting.threshold is None else {"threshold": voting.threshold}
+        votes = rule(np.stack(probs), weights=weights, **threshold)
+    else:
+        base = rule(np.stack(probs), weights=weights, threshold=0.0)
+        fit = calibrate(base, names[base.leading] == gold, target=target)
+        votes = gated(base, fit.threshold)
+        out["gate"] = fit.as_dict()
     easy = ~votes.hard
-    agreed = np.array(label_names, dtype=object)[votes.leading]
-    return {
-        "rows": len(check), "source": check.source, "specialists": acc,
-        "hard_share": float(np.mean(votes.hard)),
-        "consensus_accuracy": float(np.mean(agreed[easy] == gold[easy])) if easy.any() else None,
-    }
+    agreed = names[votes.leading]
+    out.update(hard_share=float(np.mean(votes.hard)),
+               consensus_accuracy=float(np.mean(agreed[easy] == gold[easy])) if easy.any() else None)
+    return out
 
 
 def replay_sample(pool_texts: list[str], pool_labels: list[str], n: int, *, seed: int) -> tuple[list[str], list[str]]:
@@ -176,8 +189,7 @@ def run_stage(
     check: CheckSet,
     label_names: list[str],
     run_dir: str | Path,
-    rule: str = "unanimity",
-    rule_kwargs: dict | None = None,
+    voting=None,
     tolerance: float = 0.01,
     min_check_rows: int = 20,
     train_workers: int = 1,
@@ -210,8 +222,8 @@ def run_stage(
     )
     train_s = time.monotonic() - t0
     probs: dict[str, np.ndarray] = {}  # each checkpoint is loaded and run on the check rows once
-    before = evaluate(deployed, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs, probs_cache=probs)
-    after = evaluate(candidates, check, label_names=label_names, rule=rule, rule_kwargs=rule_kwargs, probs_cache=probs)
+    before = evaluate(deployed, check, label_names=label_names, voting=voting, probs_cache=probs)
+    after = evaluate(candidates, check, label_names=label_names, voting=voting, probs_cache=probs)
     accepted, rolled_back = dict(candidates), []
     checked = len(check) >= min_check_rows
     if checked:
@@ -223,8 +235,8 @@ def run_stage(
                 rolled_back.append(name)
                 log(f"  {name}: rolled back (accuracy on {len(check)} held-out {check.source} rows "
                     f"{before['specialists'][name]:.3f} -> {after['specialists'][name]:.3f})")
-    final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, rule=rule,
-                                                   rule_kwargs=rule_kwargs, probs_cache=probs)
+    final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, voting=voting,
+                                                   probs_cache=probs)
     return {
         "stage": stage,
         "new_rows": int(len(new)),

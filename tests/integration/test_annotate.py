@@ -140,6 +140,25 @@ def test_budget_caps_llm_calls(ray_cluster, movie, tmp_path):
     assert budget_rows["specialists_label"].notna().all()  # the specialists' guess is still there
 
 
+def test_calibrated_threshold_decides_which_agreeing_rows_are_settled(ray_cluster, movie, tmp_path):
+    path, df = movie
+    with FakeOpenAI(oracle(dict(zip(df["text"], df["label"])))) as server:
+        spec = spec_for(server, voting={"target_accuracy": 0.8}, stages={"enabled": False})
+        report = annotate(path, spec=spec, output=tmp_path / "o.parquet")
+    res = pd.read_parquet(tmp_path / "o.parquet")
+    fit = report["stages"]["stages"][0]["check"]["gate"]
+    assert fit["target_accuracy"] == 0.8 and fit["rows"] >= 20
+    voted = res[~res["seed"] & res["decided_by"].isin(["consensus", "controller"])]
+    agree = voted["vote_tfidf"] == voted["vote_probe"]
+    support = (voted["prob_tfidf"] + voted["prob_probe"]) / 2
+    settled = voted["decided_by"] == "consensus"
+    if fit["threshold"] is None:
+        assert not settled.any()
+    else:  # consensus exactly where the two agree with enough support: the gate reached the voters
+        assert (settled == (agree & (support >= fit["threshold"] - 1e-9))).all()
+        assert settled.any() and (agree & ~settled).any()  # it settled some, and sent some agreeing rows on
+
+
 def test_failing_endpoint_is_a_clear_error(ray_cluster, movie, tmp_path):
     path, _ = movie
     with FakeOpenAI(http_error(500)) as server:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import labelwright.orchestrator.learning as learning_mod
-from labelwright.orchestrator.learning import StagedLearning
+from labelwright.orchestrator.learning import StagedLearning, StageGate
 from labelwright.orchestrator.spec import load_task
 from labelwright.training.stage import CheckSet, train_stage
 
@@ -31,6 +31,14 @@ class FakeGate:
                 outer.calls.append(self.name)
 
         self.open, self.close = _M("open"), _M("close")
+        self.thresholds = []
+
+        class _Set:
+            def remote(self, versions, threshold):
+                outer.calls.append("set_threshold")
+                outer.thresholds.append((dict(versions), threshold))
+
+        self.set_threshold = _Set()
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +129,49 @@ def test_every_fraction_starts_a_stage_per_share_of_the_input(tmp_path, movie):
     assert learning.training
     wait_idle(learning)
     learning.finish()
+
+
+def test_calibrated_thresholds_are_published_for_stage_0_and_before_each_swap(tmp_path, movie, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)  # the fake gate answers at once
+    spec = load_task(None, {"labels": LABELS, "specialists": [{"name": "tfidf", "kind": "tfidf_linear"},
+                                                              {"name": "tfidf2", "kind": "tfidf_linear", "l2": 10.0}],
+                            "voting": {"target_accuracy": 0.7}, "stages": {"every_rows": 50}})
+    gate = FakeGate()
+    swaps = []
+    learning = make(spec, tmp_path, movie, swaps, gate)
+    fit = learning.records[0]["check"]["gate"]
+    assert fit["rows"] == 60 and fit["target_accuracy"] == 0.7
+    assert fit["threshold"] is None or fit["accuracy"] >= 0.7
+    assert gate.thresholds == [(learning.records[0]["versions"], fit["threshold"])]
+
+    swap_order = []
+    learning.swap_fn = lambda changed: swap_order.append(("swap", len(gate.thresholds)))
+    learning.observe(batch(movie, 60, 120))
+    wait_idle(learning)
+    rec = learning.records[1]
+    assert rec["check"]["gate"]["rows"] == 60
+    assert gate.thresholds[-1] == (rec["versions"], rec["check"]["gate"]["threshold"])
+    if swap_order:  # the stage's threshold was there before its weights were swapped in
+        assert swap_order == [("swap", 2)]
+    assert gate.calls.count("close") == 0  # no stages.wait: voting never paused
+    learning.finish()
+
+
+def test_stage_gate_threshold_for_exact_mixed_and_unknown_versions():
+    import asyncio
+
+    async def scenario():
+        g = StageGate()
+        await g.set_threshold({"a": "a0", "b": "b0"}, 0.6)
+        await g.set_threshold({"a": "a1", "b": "b1"}, 0.8)
+        await g.set_threshold({"a": "a2", "b": "b2"}, None)
+        assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.8)
+        assert await g.threshold_for({"a": "a1", "b": "b0"}) == (True, 0.8)  # mid-swap: the stricter one
+        assert await g.threshold_for({"a": "a2", "b": "b1"}) == (True, None)  # None settles nothing: strictest
+        assert await g.threshold_for({"a": "x", "b": "y"}) == (False, None)
+        await g.set_threshold({"a": "a1", "b": "b1"}, 0.5)  # recalibrated (a rolled-back stage): replaced
+        assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.5)
+
+    asyncio.run(scenario())
