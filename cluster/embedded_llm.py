@@ -179,6 +179,20 @@ def _raise_if_cancelled(cancel: threading.Event | None) -> None:
         raise RequestCancelled("the request was cancelled by its caller")
 
 
+def _cache_kwarg(model) -> str:
+    """The name forward() takes the key/value cache by: ``cache`` from transformers 5.24 (where
+    ``past_key_values`` warns until it goes in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The key/value cache of a forward's output, under either name (see :func:`_cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def answer_prefix(field: str) -> str:
     """The text of the JSON answer up to the opening quote of the value: ``{"<field>": "``."""
     return json.dumps({field: ""})[:-2]
@@ -197,6 +211,7 @@ class LocalLLMEngine:
                 f"model {model_name!r} has no chat template; the embedded LLM needs an instruct model"
             )
         self.model = model.eval()
+        self._cache_kw = _cache_kwarg(model)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._lock = threading.Lock()
@@ -250,10 +265,10 @@ class LocalLLMEngine:
             # rest of the prompt saves about a quarter of the prefill on a 0.5B model.
             out = self._prefill(prompt_ids + prefix_ids)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of token 0
-            cache = out.past_key_values
+            cache = _cache_of(out)
             cache.batch_repeat_interleave(len(conts))
             # Right padding: causal attention means real tokens never see the pads after them.
-            logits = self.model(batch, past_key_values=cache, use_cache=False).logits
+            logits = self.model(batch, **{self._cache_kw: cache}, use_cache=False).logits
             rest = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # distribution of tokens 1..width-1
             token_lps = []
             for i, cont in enumerate(conts):
@@ -284,12 +299,12 @@ class LocalLLMEngine:
             drop = cache.get_seq_length() - reuse
             if drop > 0:
                 cache.crop(-drop)  # negative: drop that many from the end (positive lengths are refused in 5.x)
-            out = self.model(torch.tensor([ids[reuse:]], device=device), past_key_values=cache, use_cache=True,
+            out = self.model(torch.tensor([ids[reuse:]], device=device), **{self._cache_kw: cache}, use_cache=True,
                              logits_to_keep=1)
             self.reused_tokens += reuse
         else:
             out = self.model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        self._last = (list(ids), copy.deepcopy(out.past_key_values))  # callers go on to extend the cache
+        self._last = (list(ids), copy.deepcopy(_cache_of(out)))  # callers go on to extend the cache
         return out
 
     def label_logprobs(self, messages: list[dict], field: str, allowed: list[str]) -> list[float]:
