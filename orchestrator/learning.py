@@ -99,6 +99,10 @@ class StagedLearning:
         self.gate = gate  # StageGate actor: pauses voting (stages.wait), carries calibrated thresholds
         for rec in self.records:  # a resumed run's voters need the thresholds of the stages already run
             self._publish_threshold(rec)
+        fit = (self.records[-1].get("check") or {}).get("gate")
+        if fit is not None:
+            log(f"voting: stage {self.stage} threshold calibrated on {fit['rows']} held-out {check.source} rows: "
+                f"{_gate_text(fit)}")
         if spec.voting.target_accuracy is not None and len(self._check_set()) < self.cfg.min_check_rows:
             where = ("controller rows held out of training arrive with the stages" if self.cfg.enabled
                      else "give a gold column or enable stages to have some")
@@ -236,7 +240,7 @@ class StagedLearning:
             accs = ", ".join(f"{n} {a:.3f}" for n, a in chk["specialists"].items())
             msg += f"; on {chk['rows']} held-out {chk['source']} rows: {accs}, hard share {chk['hard_share']:.0%}"
             if "gate" in chk:
-                msg += f" at calibrated threshold {_threshold_text(chk['gate']['threshold'])}"
+                msg += f"; calibrated threshold {_gate_text(chk['gate'])}"
         self.log(msg)
 
     def _publish_threshold(self, record: dict) -> None:
@@ -329,8 +333,11 @@ class StageGate:
         return True, None if any(t is None for t in related) else max(related)
 
 
-def _threshold_text(threshold: float | None) -> str:
-    return "none reaches the target: every row to the controller" if threshold is None else f"{threshold:.3f}"
+def _gate_text(fit: dict) -> str:
+    if fit["threshold"] is None:
+        return f"none reaches {fit['target_accuracy']:.0%} accuracy: every row goes to the controller"
+    return (f"{fit['threshold']:.3f} (settles {fit['settled_share']:.0%} of them at {fit['accuracy']:.0%} "
+            f"accuracy, target {fit['target_accuracy']:.0%})")
 
 
 def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0):
