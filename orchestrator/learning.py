@@ -340,8 +340,11 @@ def _gate_text(fit: dict) -> str:
             f"accuracy, target {fit['target_accuracy']:.0%})")
 
 
-def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0):
-    """A fixed random slice of gold-labelled input rows that checks every stage and is never trained on.
+def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0,
+                   max_share: float = 0.25):
+    """A fixed random slice of gold-labelled input rows that checks every stage and is never trained on:
+    ``size`` rows, but at most ``max_share`` of the usable gold rows, so that a small input still
+    leaves most of its controller rows to train on.
 
     Returns (CheckSet, set of their row numbers)."""
     if size <= 0:
@@ -352,6 +355,6 @@ def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: s
         frames.append(d[d["gold"].notna() & d["skip_reason"].isna()][["row", "id", "text", "gold"]])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "id", "text", "gold"])
     df = df[~df["id"].astype(str).isin(exclude_ids) & ~df["text"].isin(exclude_texts)]
-    if len(df) > size:
-        df = df.iloc[np.sort(np.random.default_rng(seed).permutation(len(df))[:size])]
+    size = min(size, int(len(df) * max_share))
+    df = df.iloc[np.sort(np.random.default_rng(seed).permutation(len(df))[:size])]
     return CheckSet(df["text"].tolist(), df["gold"].astype(str).tolist(), "gold"), set(df["row"].astype(int))

@@ -90,7 +90,7 @@ class StagesConfig(_Strict):
     max_stages: int | None = Field(default=None, ge=0)
     replay_ratio: float = Field(default=1.0, ge=0)  # earlier rows replayed per new row (transformers)
     wait: bool = False  # True: voting pauses while a stage trains; False: it goes on with the old version
-    check_rows: int = Field(default=300, ge=0)  # held-out gold rows that check each stage (with a gold column)
+    check_rows: int = Field(default=300, ge=0)  # held-out gold rows that check each stage (at most 1/4 of them)
     validation_fraction: float = Field(default=0.15, ge=0, lt=1)  # controller rows held out when there is no gold
     min_check_rows: int = Field(default=20, ge=1)  # fewer held-out rows than this: a stage is accepted unchecked
     rollback_tolerance: float = Field(default=0.01, ge=0, le=1)  # accuracy a stage may lose before rollback

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import labelwright.orchestrator.learning as learning_mod
-from labelwright.orchestrator.learning import StagedLearning, StageGate
+from labelwright.orchestrator.learning import StagedLearning, StageGate, gold_check_set
 from labelwright.orchestrator.spec import load_task
 from labelwright.training.stage import CheckSet, train_stage
 
@@ -175,3 +175,26 @@ def test_stage_gate_threshold_for_exact_mixed_and_unknown_versions():
         assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.5)
 
     asyncio.run(scenario())
+
+
+def test_gold_check_set_is_fixed_skips_seed_and_unlabelled_rows_and_keeps_three_quarters_to_train(tmp_path):
+    from types import SimpleNamespace
+
+    shards = []
+    for k in range(2):  # 2 shards x 50 rows; every 10th row has no gold, row 3 is skipped as empty
+        rows = range(50 * k, 50 * k + 50)
+        d = pd.DataFrame({"row": list(rows), "id": [f"r{r}" for r in rows], "text": [f"text {r}" for r in rows],
+                          "gold": [None if r % 10 == 0 else "a" for r in rows],
+                          "skip_reason": ["empty text" if r == 3 else None for r in rows]})
+        d.to_parquet(tmp_path / f"s{k}.parquet")
+        shards.append(SimpleNamespace(path=tmp_path / f"s{k}.parquet"))
+    staged = SimpleNamespace(shards=shards)
+    check, rows = gold_check_set(staged, size=300, exclude_ids={"r1"}, exclude_texts={"text 2"})
+    usable = 100 - 10 - 3  # no gold, the seed's id and text, the skipped row
+    assert len(check) == len(rows) == int(usable * 0.25) and check.source == "gold"
+    assert not rows & {0, 1, 2, 3, 10, 20}
+    again, rows2 = gold_check_set(staged, size=300, exclude_ids={"r1"}, exclude_texts={"text 2"})
+    assert rows2 == rows and again.texts == check.texts  # the same slice on a resumed run
+    small, _ = gold_check_set(staged, size=5, exclude_ids=set(), exclude_texts=set())
+    assert len(small) == 5
+    assert gold_check_set(staged, size=0, exclude_ids=set(), exclude_texts=set())[1] == set()
