@@ -31,6 +31,7 @@ CONFIGS = {
     # the voting threshold calibrated on the held-out gold rows at every stage (voting.target_accuracy)
     "no stages, calibrated": {"enabled": False, "calibrated": True},
     "stages + replay, wait, calibrated": {"enabled": True, "replay_ratio": 1.0, "wait": True, "calibrated": True},
+    "stages, no replay, wait, calibrated": {"enabled": True, "replay_ratio": 0.0, "wait": True, "calibrated": True},
 }
 DEFAULT_CONFIGS = "no stages|stages + replay|stages, no replay"
 
