@@ -152,6 +152,9 @@ def summary(report: dict) -> str:
             if chk.get("rows"):
                 text += f", held-out {chk['source']} ({chk['rows']}): " + ", ".join(
                     f"{n} {a:.3f}" for n, a in chk["specialists"].items())
+            if chk.get("gate"):
+                t = chk["gate"]["threshold"]
+                text += ", calibrated threshold " + ("none (all to the LLM)" if t is None else f"{t:.3f}")
             if r.get("train_s") is not None:
                 text += f", trained in {r['train_s']:.0f} s"
             if r.get("rolled_back"):

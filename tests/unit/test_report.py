@@ -42,3 +42,17 @@ def test_report_counts_cost_and_gold():
     assert g["accuracy_by_decided_by"]["controller"]["accuracy"] == 0.5
     assert g["specialist_accuracy"]["s1"] == 0.5  # rows 0 and 3
     assert "accuracy 0.500" in summary(r)
+
+
+def test_summary_lists_each_stage_with_its_calibrated_threshold():
+    r = build_report(frame(), labels=["a", "b"], specialists=["s1"], rows_in=4, wall_s=2.0, label_s=1.0,
+                     price_prompt_per_1k=0.0, price_completion_per_1k=0.0)
+    check = {"rows": 50, "source": "gold", "specialists": {"s1": 0.7}}
+    stage = {"rows": 2, "hard_share": 0.5, "llm_calls": 1, "train_s": 3.0, "rolled_back": []}
+    r["stages"] = {"buffer_rows": 1, "stages": [
+        {**stage, "stage": 0, "check": {**check, "gate": {"threshold": None}}},
+        {**stage, "stage": 1, "check": {**check, "gate": {"threshold": 0.8123}}, "rolled_back": ["s1"]},
+    ]}
+    lines = summary(r).splitlines()
+    assert "stage 0: voted 2 rows, LLM share 50%" in lines[-2] and "calibrated threshold none" in lines[-2]
+    assert "calibrated threshold 0.812" in lines[-1] and "rolled back s1" in lines[-1]
