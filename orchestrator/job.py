@@ -348,7 +348,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
     t = time.monotonic()
     vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
                         threshold=spec.voting.threshold, weights=spec.voting.weights,
-                        calibrated=spec.voting.target_accuracy is not None, max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
+                        calibrated=spec.voting.target_accuracy is not None,
+                        max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
     done_rows = sum(s.n_rows for s in staged.shards if s.index in done_shards)
     learning.rows_seen = learning.rows_at_last_stage = done_rows
     if todo:
