@@ -80,7 +80,8 @@ class StagedLearning:
                 "stage": 0, "new_rows": len(seed_texts), "replay_rows": 0, "upto_seq": -1,
                 "train_s": round(stage0_train_s, 2), "checkpoints": dict(stage0), "candidates": dict(stage0),
                 "rolled_back": [], "checked": len(check0) > 0,
-                "check": evaluate(stage0, check0, label_names=spec.label_names, voting=spec.voting),
+                "check": evaluate(stage0, check0, label_names=spec.label_names, voting=spec.voting,
+                                  min_fit_rows=self.cfg.min_check_rows),
                 "versions": versions_of(stage0), "rows_seen_at_start": 0,
             })
             _write_json(self.path, self.records)
@@ -99,11 +100,12 @@ class StagedLearning:
         self.gate = gate  # StageGate actor: pauses voting (stages.wait), carries calibrated thresholds
         for rec in self.records:  # a resumed run's voters need the thresholds of the stages already run
             self._publish_threshold(rec)
-        fit = (self.records[-1].get("check") or {}).get("gate")
+        checked = [r["check"] for r in self.records if r.get("check")]  # a failed stage has no check
+        fit = checked[-1].get("gate") if checked else None
         if fit is not None:
             log(f"voting: stage {self.stage} threshold calibrated on {fit['rows']} held-out {check.source} rows: "
                 f"{_gate_text(fit)}")
-        if spec.voting.target_accuracy is not None and len(self._check_set()) < self.cfg.min_check_rows:
+        elif spec.voting.target_accuracy is not None:
             where = ("controller rows held out of training arrive with the stages" if self.cfg.enabled
                      else "give a gold column or enable stages to have some")
             log(f"voting.target_accuracy: fewer than stages.min_check_rows={self.cfg.min_check_rows} held-out rows "
@@ -244,9 +246,9 @@ class StagedLearning:
         self.log(msg)
 
     def _publish_threshold(self, record: dict) -> None:
-        """Hand the stage's calibrated threshold (if its check fitted one on enough rows) to the voters."""
+        """Hand the stage's calibrated threshold (if its check fitted one) to the voters."""
         fit = (record.get("check") or {}).get("gate")
-        if self.gate is None or fit is None or record.get("failed") or fit["rows"] < self.cfg.min_check_rows:
+        if self.gate is None or fit is None:
             return
         import ray
 

@@ -126,11 +126,12 @@ class CheckSet:
 
 
 def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], voting=None,
-             probs_cache: dict[str, np.ndarray] | None = None) -> dict:
+             min_fit_rows: int = 1, probs_cache: dict[str, np.ndarray] | None = None) -> dict:
     """Each specialist's accuracy on the check rows, and what the voting rule (``voting``, the task's
     :class:`VotingConfig`; unanimity when None) makes of them together: the share of hard rows and the
-    accuracy of the consensus rows. With ``voting.target_accuracy`` the rule's threshold is calibrated
-    on these rows first (``gate`` in the result) and the shares are those under it. ``probs_cache``
+    accuracy of the consensus rows. With ``voting.target_accuracy`` and at least ``min_fit_rows`` check
+    rows, the rule's threshold is calibrated on these rows first (``gate`` in the result: what the voters
+    are given) and the shares are those under it; with fewer, the configured threshold. ``probs_cache``
     (checkpoint path -> probabilities on these rows) lets several evaluations of one stage load and run
     each checkpoint once."""
     from labelwright.orchestrator.voting import calibrate, gated, get_rule
@@ -150,7 +151,7 @@ def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[
         acc[name] = float(np.mean(names[p.argmax(1)] == gold))
     rule = get_rule(voting.rule if voting is not None else "unanimity")
     weights = None if voting is None or not voting.weights else [voting.weights.get(n, 1.0) for n in checkpoints]
-    target = None if voting is None else voting.target_accuracy
+    target = None if voting is None or len(check) < min_fit_rows else voting.target_accuracy
     out: dict = {"rows": len(check), "source": check.source, "specialists": acc}
     if target is None:
         threshold = {} if voting is None or voting.threshold is None else {"threshold": voting.threshold}
@@ -222,8 +223,9 @@ def run_stage(
     )
     train_s = time.monotonic() - t0
     probs: dict[str, np.ndarray] = {}  # each checkpoint is loaded and run on the check rows once
-    before = evaluate(deployed, check, label_names=label_names, voting=voting, probs_cache=probs)
-    after = evaluate(candidates, check, label_names=label_names, voting=voting, probs_cache=probs)
+    fit_rows = dict(voting=voting, min_fit_rows=min_check_rows, probs_cache=probs)
+    before = evaluate(deployed, check, label_names=label_names, **fit_rows)
+    after = evaluate(candidates, check, label_names=label_names, **fit_rows)
     accepted, rolled_back = dict(candidates), []
     checked = len(check) >= min_check_rows
     if checked:
@@ -235,8 +237,7 @@ def run_stage(
                 rolled_back.append(name)
                 log(f"  {name}: rolled back (accuracy on {len(check)} held-out {check.source} rows "
                     f"{before['specialists'][name]:.3f} -> {after['specialists'][name]:.3f})")
-    final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, voting=voting,
-                                                   probs_cache=probs)
+    final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, **fit_rows)
     return {
         "stage": stage,
         "new_rows": int(len(new)),

@@ -17,6 +17,7 @@ def test_balanced_weights_equalise_label_totals():
 import pandas as pd  # noqa: E402
 
 from labelwright.orchestrator.report import plot_stages  # noqa: E402
+from labelwright.orchestrator.spec import VotingConfig  # noqa: E402
 from labelwright.specialists.base import SpecialistConfig  # noqa: E402
 from labelwright.training.buffer import HardBuffer, held_out  # noqa: E402
 from labelwright.training.stage import CheckSet, evaluate, run_stage, train_stage  # noqa: E402
@@ -119,6 +120,14 @@ def test_evaluate_reports_hard_share_and_consensus_accuracy(movie_split, tmp_pat
     assert ev["rows"] == len(held) and set(ev["specialists"]) == {"a", "b"}
     assert 0.0 <= ev["hard_share"] <= 1.0 and 0.0 <= ev["consensus_accuracy"] <= 1.0
     assert evaluate(ck, CheckSet([], [], "controller"), label_names=LABELS)["hard_share"] is None
+    calibrated = VotingConfig(target_accuracy=0.7)
+    fit = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS,
+                   voting=calibrated, min_fit_rows=len(held))["gate"]
+    assert fit["rows"] == len(held) and fit["target_accuracy"] == 0.7
+    # too few rows to fit on: no gate, and the shares are the configured rule's (what the voters use)
+    few = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS,
+                   voting=calibrated, min_fit_rows=len(held) + 1)
+    assert "gate" not in few and few["hard_share"] == ev["hard_share"]
 
 
 def test_plot_stages_writes_a_png(tmp_path):
