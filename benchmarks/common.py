@@ -51,6 +51,9 @@ def add_common_args(ap, *, datasets: str, rows: int, out: Path) -> None:
     ap.add_argument("--base-url", default=None, help="OpenAI-compatible controller (default: the embedded LLM)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(out))
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with each configuration's run left in --out by a stopped benchmark (the job resumes "
+                         "from its run directory) instead of starting it fresh; timings then cover the last process")
 
 
 def base_task(dataset: str, labels: list[str], *, cache_path: str, args) -> dict:
@@ -70,14 +73,16 @@ def base_task(dataset: str, labels: list[str], *, cache_path: str, args) -> dict
     return task
 
 
-def annotate_config(name: str, task: dict, sample: Path, work: Path) -> dict:
-    """Label ``sample`` with ``task`` into a fresh ``work/<configuration>/``; returns the report."""
+def annotate_config(name: str, task: dict, sample: Path, work: Path, *, resume: bool = False) -> dict:
+    """Label ``sample`` with ``task`` into ``work/<configuration>/``, fresh unless ``resume`` (then the job
+    goes on from the run directory a stopped benchmark left there); returns the report."""
     from labelwright.orchestrator.job import annotate
     from labelwright.orchestrator.spec import load_task
 
     out = work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     return annotate(sample, spec=load_task(None, task), output=out / "labels.parquet", report_path=out / "report.json")
 
 

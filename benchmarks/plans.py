@@ -34,7 +34,7 @@ def run_config(name: str, extra: dict, sample: Path, work: Path, labels: list[st
             "stages": {"enabled": False}, **json.loads(json.dumps(extra))}
     if "planning" in task:
         task["planning"]["allow_hub"] = args.allow_hub
-    report = annotate_config(name, task, sample, work)
+    report = annotate_config(name, task, sample, work, resume=args.resume)
     plan = report.get("plan") or {}
     return {
         "dataset": dataset, "config": name, "rows": report["rows_in"],

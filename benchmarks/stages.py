@@ -46,7 +46,7 @@ def run_config(name: str, stages: dict, sample: Path, work: Path, labels: list[s
         "runtime": {"vote_batch_size": args.batch_size},
         "planning": {"mode": "never"},  # the default specialists, as measured before plans existed
     }
-    report = annotate_config(name, task, sample, work)
+    report = annotate_config(name, task, sample, work, resume=args.resume)
     st = report["stages"]["stages"]
     return {
         "dataset": dataset, "config": name, "rows": report["rows_in"],

@@ -22,7 +22,7 @@ import pandas as pd
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
 from labelwright.orchestrator.errors import ConfigError, ControllerError, InputDataError
-from labelwright.orchestrator.report import accuracy, build_report, summary
+from labelwright.orchestrator.report import accuracy, build_report, sent_to_llm, summary
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
     ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage,
@@ -485,7 +485,7 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
                 write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
         learning.observe(batch)
         progress.stage = learning.stage
-        progress.update(len(batch), int((batch["llm_calls"] > 0).sum()), force=progress.done + len(batch) == staged.n_rows)
+        progress.update(len(batch), int(sent_to_llm(batch).sum()), force=progress.done + len(batch) == staged.n_rows)
     missing = [i for i in expected if i in buffers]
     if missing:
         raise InputDataError(f"internal check failed: shards {missing} did not complete")

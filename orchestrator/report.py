@@ -44,6 +44,11 @@ def macro_f1(pred: Sequence, gold: Sequence, labels: Sequence[str]) -> float | N
     return float(np.mean(scores)) if scores else None
 
 
+def sent_to_llm(df: pd.DataFrame) -> pd.Series:
+    """Rows the controller labelled or was asked about, its answer cached or not: what the LLM share counts."""
+    return (df["decided_by"] == "controller") | (df["llm_calls"] > 0) | df["cached"].astype(bool)
+
+
 def build_report(
     df: pd.DataFrame,
     *,
@@ -59,7 +64,7 @@ def build_report(
 ) -> dict:
     counts = df["decided_by"].value_counts().to_dict()
     asked = df["llm_calls"] > 0
-    llm_rows = int(((df["decided_by"] == "controller") | asked).sum())
+    llm_rows = int(sent_to_llm(df).sum())
     prices = {"price_prompt_per_1k": price_prompt_per_1k, "price_completion_per_1k": price_completion_per_1k}
     prompt = int(df["prompt_tokens"].sum())
     completion = int(df["completion_tokens"].sum())

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from labelwright.orchestrator.report import accuracy, build_report, macro_f1, summary
+from labelwright.orchestrator.report import accuracy, build_report, macro_f1, sent_to_llm, summary
 
 
 def frame():
@@ -42,6 +42,17 @@ def test_report_counts_cost_and_gold():
     assert g["accuracy_by_decided_by"]["controller"]["accuracy"] == 0.5
     assert g["specialist_accuracy"]["s1"] == 0.5  # rows 0 and 3
     assert "accuracy 0.500" in summary(r)
+
+
+def test_rows_answered_from_the_cache_count_as_sent_to_the_llm():
+    """The LLM share (report and progress line) counts every row the controller was asked about: a
+    cached answer costs no call (llm_calls 0) but the row still needed the controller."""
+    df = pd.DataFrame({"decided_by": ["consensus", "controller", "unresolved", "unresolved"],
+                       "llm_calls": [0, 0, 0, 1], "cached": [False, True, True, False]})
+    assert sent_to_llm(df).tolist() == [False, True, True, True]
+    r = build_report(df.assign(label=None, prompt_tokens=0, completion_tokens=0), labels=["a"], specialists=[],
+                     rows_in=4, wall_s=1.0, label_s=1.0, price_prompt_per_1k=0.0, price_completion_per_1k=0.0)
+    assert r["llm_share"] == 0.75
 
 
 def test_summary_lists_each_stage_with_its_calibrated_threshold():
