@@ -41,4 +41,4 @@ class SpecialistReplica:
     def info(self) -> dict:
         s = self._specialist
         return {"name": s.name, "kind": s.kind, "labels": list(s.labels), "version": s.version,
-                "checkpoint": self._checkpoint}
+                "checkpoint": self._checkpoint, "device": str(getattr(s, "device", "cpu"))}

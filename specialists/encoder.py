@@ -62,9 +62,28 @@ def load_pretrained(loader, ref: str, **kwargs):
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``device`` if given; else the GPU when one is visible and this process may use it, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    # the Ray grant first: torch.cuda.is_available() opens the driver, which a CPU-only worker never needs
+    if _ray_worker_without_gpu() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _ray_worker_without_gpu() -> bool:
+    """True inside a Ray task or actor that was granted no GPU. Since Ray 2.4x such a worker still sees
+    every GPU of its node (CUDA_VISIBLE_DEVICES is left alone on zero GPUs), so without this check a
+    CPU-only replica or voting actor would load its model onto GPU 0 beside the ones that reserved it."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never imports Ray: a process that has not imported it is no Ray worker
+    if ray is None or not ray.is_initialized():
+        return False
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:
+        return False  # the driver: Ray does not schedule it, its device is the user's choice
+    return not ctx.get_accelerator_ids().get("GPU")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
