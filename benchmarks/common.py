@@ -73,13 +73,18 @@ def base_task(dataset: str, labels: list[str], *, cache_path: str, args) -> dict
     return task
 
 
+def config_dir(work: Path, name: str) -> Path:
+    """Where a configuration's output, report and run directory go: ``work/<configuration>/``."""
+    return work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+
+
 def annotate_config(name: str, task: dict, sample: Path, work: Path, *, resume: bool = False) -> dict:
     """Label ``sample`` with ``task`` into ``work/<configuration>/``, fresh unless ``resume`` (then the job
     goes on from the run directory a stopped benchmark left there); returns the report."""
     from labelwright.orchestrator.job import annotate
     from labelwright.orchestrator.spec import load_task
 
-    out = work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+    out = config_dir(work, name)
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ stages but no replay (the AutoAnnotator reference: each stage trains on the newe
 
 For each configuration it prints the per-stage table (rows voted by that stage's specialists, their
 LLM share, consensus accuracy on gold, each specialist's accuracy on the held-out gold slice, Ray
-Train wall time) and the final accuracy, LLM share and tokens; JSON and the stage plots go to --out.
+Train wall time) and the final accuracy, LLM share and tokens, and where a staged run's accuracy differs
+from the run without stages: on the rows its specialists settled and on the rest. JSON and the stage
+plots go to --out.
 
 Runs on the embedded local LLM unless --base-url is given. The seed set is picked from the train
 split's texts and labelled by the controller. The three configurations share one controller cache,
@@ -20,7 +22,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import add_common_args, annotate_config, base_task, run_configs
+import pandas as pd
+from common import add_common_args, annotate_config, base_task, config_dir, run_configs
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -87,6 +90,29 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def settled_rows_table(results: list[dict], out_dir: Path) -> str:
+    """Where a staged run's accuracy differs from the run without stages (same calibration), row by row:
+    on the rows its specialists settled, and on the rest. A staged run can only lose accuracy on the
+    rows it settles without the controller."""
+    lines = ["| dataset | configuration | against | rows its specialists settled | their accuracy | the other run's "
+             "accuracy on them | its other rows | its accuracy / the other run's on them |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["config"].startswith("no stages"):
+            continue
+        base = "no stages, calibrated" if "calibrated" in r["config"] else "no stages"
+        if not any(b["config"] == base and b["dataset"] == r["dataset"] and b["rows"] == r["rows"] for b in results):
+            continue
+        work = out_dir / r["dataset"]
+        a = pd.read_parquet(config_dir(work, r["config"]) / "labels.parquet").set_index("row")
+        b = pd.read_parquet(config_dir(work, base) / "labels.parquet").set_index("row").loc[a.index]
+        right_a, right_b = a["label"] == a["gold"], b["label"] == b["gold"]
+        settled = a["decided_by"] == "consensus"
+        lines.append(f"| {r['dataset']} | {r['config']} | {base} | {int(settled.sum())} | {right_a[settled].mean():.3f} | "
+                     f"{right_b[settled].mean():.3f} | {int((~settled).sum())} | "
+                     f"{right_a[~settled].mean():.3f} / {right_b[~settled].mean():.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, datasets="movie_sentiment,yahoo_topics", rows=2000, out=HERE / "results-stages")
@@ -96,8 +122,11 @@ def main() -> None:
     ap.add_argument("--target-accuracy", type=float, default=0.8,
                     help="consensus accuracy the calibrated configurations hold the voting threshold to")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="'|'-separated subset of: " + " | ".join(CONFIGS))
-    results = run_configs(ap.parse_args(), CONFIGS, run_config, "stages.json")
+    args = ap.parse_args()
+    results = run_configs(args, CONFIGS, run_config, "stages.json")
     print(summary_table(results))
+    print()
+    print(settled_rows_table(results, Path(args.out)))
     for r in results:
         print()
         print(stage_table(r))
