@@ -1,6 +1,8 @@
 """Shared fixtures: one local Ray cluster for the whole test session (Ray starts in ~12 s here)."""
 
 import os
+import threading
+import time
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -24,6 +26,43 @@ def movie_slice(datasets_dir: Path, directory: Path, rows: int):
     path = directory / "movie.csv"
     df.to_csv(path, index=False)
     return path, df
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def swap_under_load(handle, texts, swap, *, callers: int = 4):
+    """Keep ``callers`` threads calling ``handle.predict`` on ``texts`` while ``swap()`` redeploys the
+    specialist, until 4 calls have answered after it. Returns (seen, errors, swapped): each answer's
+    (time, version), every exception a call raised, and the time the swap returned."""
+    seen: list[tuple[float, str]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def caller():
+        while not stop.is_set():
+            try:
+                seen.append((time.monotonic(), handle.predict.remote(texts).result()["version"]))
+            except BaseException as exc:  # noqa: BLE001 - the test counts every failure
+                errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(seen) >= 4)  # calls are in flight on the old version
+        swap()
+        swapped = time.monotonic()
+        wait_until(lambda: sum(t > swapped + 0.2 for t, _ in seen) >= 4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    return seen, errors, swapped
 
 
 @pytest.fixture(scope="module")

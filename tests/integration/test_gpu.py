@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import swap_under_load, wait_until
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 LABELS = ["negative", "positive"]
@@ -68,13 +70,6 @@ def free_gpu() -> float:
     import ray
 
     return float(ray.available_resources().get("GPU", 0.0))
-
-
-def wait_until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def replica_pids(endpoint) -> list[int]:
@@ -238,35 +233,14 @@ def test_hot_swap_of_a_gpu_replica_with_requests_in_flight(ray_cluster, tiny_mod
     assert va != vb
     before = free_gpu()
     endpoints = deploy_specialists([config], a, app_prefix="gpuswap", gpu=True)
-    handle = endpoints["tfm"].handle()
-    seen: list[tuple[float, str]] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def caller():
-        while not stop.is_set():
-            try:
-                seen.append((time.monotonic(), handle.predict.remote(TEXTS).result()["version"]))
-            except BaseException as exc:  # noqa: BLE001 - the test counts every failure
-                errors.append(exc)
-
-    threads = [threading.Thread(target=caller) for _ in range(4)]
     try:
-        for t in threads:
-            t.start()
-        wait_until(lambda: len(seen) >= 4)  # calls are in flight on the old version
-        deploy_specialists([config], b, app_prefix="gpuswap", gpu=True)
-        swapped = time.monotonic()
-        wait_until(lambda: sum(t > swapped + 0.2 for t, _ in seen) >= 4)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+        seen, errors, swapped = swap_under_load(
+            endpoints["tfm"].handle(), TEXTS, lambda: deploy_specialists([config], b, app_prefix="gpuswap", gpu=True))
         wait_until(lambda: len(replica_pids(endpoints["tfm"])) == 1, timeout_s=30)  # the old replica has left
         pids = replica_pids(endpoints["tfm"])
         assert pids[0] in cuda_pids(), "the replica serving after the swap holds no CUDA context"
         wait_until(lambda: abs(before - free_gpu() - 0.25) < 1e-6, timeout_s=30)
     finally:
-        stop.set()
         delete_specialists(endpoints)
     assert not errors, errors[:3]
     assert va in [v for t, v in seen if t < swapped]

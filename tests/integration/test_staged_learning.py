@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.spec import load_task
 from labelwright.training.buffer import HardBuffer
-from tests.conftest import movie_slice
+from tests.conftest import movie_slice, swap_under_load
 from tests.fake_openai import FakeOpenAI, oracle
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
@@ -43,13 +42,6 @@ def task(server, **stages) -> dict:
     }
 
 
-def wait_until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
 def test_hot_swap_with_requests_in_flight(ray_cluster, movie, tmp_path):
     """Redeploying a specialist with a new checkpoint while 4 callers keep sending batches: no call fails,
     and once the swap returns every call answers with the new version."""
@@ -67,32 +59,11 @@ def test_hot_swap_with_requests_in_flight(ray_cluster, movie, tmp_path):
     va, vb = load_specialist(a["tfidf"]).version, load_specialist(b["tfidf"]).version
     assert va != vb
     endpoints = deploy_specialists([config], a, app_prefix="swaptest", gpu=False)
-    handle = endpoints["tfidf"].handle()
-    texts = df["text"][:32].tolist()
-    seen: list[tuple[float, str]] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def caller():
-        while not stop.is_set():
-            try:
-                seen.append((time.monotonic(), handle.predict.remote(texts).result()["version"]))
-            except BaseException as exc:  # noqa: BLE001 - the test counts every failure
-                errors.append(exc)
-
-    threads = [threading.Thread(target=caller) for _ in range(4)]
     try:
-        for t in threads:
-            t.start()
-        wait_until(lambda: len(seen) >= 4)  # calls are in flight on the old version
-        deploy_specialists([config], b, app_prefix="swaptest", gpu=False)
-        swapped = time.monotonic()
-        wait_until(lambda: sum(t > swapped + 0.2 for t, _ in seen) >= 4)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+        seen, errors, swapped = swap_under_load(
+            endpoints["tfidf"].handle(), df["text"][:32].tolist(),
+            lambda: deploy_specialists([config], b, app_prefix="swaptest", gpu=False))
     finally:
-        stop.set()
         delete_specialists(endpoints)
     assert not errors
     before = [v for t, v in seen if t < swapped]
