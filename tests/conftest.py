@@ -134,16 +134,23 @@ def embedded_llm(ray_cluster, serve_port):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A tiny randomly initialised BERT with the bundled MiniLM tokenizer, saved as a local model dir."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
     from labelwright.specialists.encoder import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    return save_tiny_bert(tokenizer, tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def save_tiny_bert(tokenizer, directory: Path) -> str:
+    """A 2-layer, width-32 BERT with random weights (seed 0) for ``tokenizer``'s vocabulary, saved with
+    the tokenizer in ``directory``; returns the directory."""
+    import torch
+    from transformers import BertConfig, BertModel
+
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64))
-    directory = tmp_path_factory.mktemp("tiny") / "bert"
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

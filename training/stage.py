@@ -223,9 +223,9 @@ def run_stage(
     )
     train_s = time.monotonic() - t0
     probs: dict[str, np.ndarray] = {}  # each checkpoint is loaded and run on the check rows once
-    fit_rows = dict(voting=voting, min_fit_rows=min_check_rows, probs_cache=probs)
-    before = evaluate(deployed, check, label_names=label_names, **fit_rows)
-    after = evaluate(candidates, check, label_names=label_names, **fit_rows)
+    same = dict(label_names=label_names, voting=voting, min_fit_rows=min_check_rows, probs_cache=probs)
+    before = evaluate(deployed, check, **same)
+    after = evaluate(candidates, check, **same)
     accepted, rolled_back = dict(candidates), []
     checked = len(check) >= min_check_rows
     if checked:
@@ -237,7 +237,7 @@ def run_stage(
                 rolled_back.append(name)
                 log(f"  {name}: rolled back (accuracy on {len(check)} held-out {check.source} rows "
                     f"{before['specialists'][name]:.3f} -> {after['specialists'][name]:.3f})")
-    final = after if not rolled_back else evaluate(accepted, check, label_names=label_names, **fit_rows)
+    final = after if not rolled_back else evaluate(accepted, check, **same)
     return {
         "stage": stage,
         "new_rows": int(len(new)),

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import swap_under_load, wait_until
+from tests.conftest import save_tiny_bert, swap_under_load, wait_until
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,18 +35,12 @@ ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
     directory = tmp_path_factory.mktemp("tiny")
     words = sorted({w for t in TEXTS for w in t.split()})
     (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizer(str(directory / "vocab.txt"))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64))
-    model.save_pretrained(directory / "bert")
-    tokenizer.save_pretrained(directory / "bert")
-    return str(directory / "bert")
+    return save_tiny_bert(BertTokenizer(str(directory / "vocab.txt")), directory / "bert")
 
 
 def tfm_config(name: str, model: str, **extra):
