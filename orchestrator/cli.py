@@ -29,6 +29,8 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--base-url", help="OpenAI-compatible controller endpoint; default: the embedded local LLM")
     p.add_argument("--model", help="controller model name at --base-url")
     p.add_argument("--llm", help="embedded LLM model: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct or a path")
+    p.add_argument("--llm-backend", choices=["auto", "bfloat16", "float32"],
+                   help="how the embedded LLM runs: auto (default) is bfloat16 where the CPU multiplies it natively")
     p.add_argument("--voting-rule", help="unanimity, majority or confidence_weighted")
     p.add_argument("--threshold", type=float, help="minimum mean probability for a consensus label")
     p.add_argument("--target-accuracy", type=float,
@@ -72,6 +74,35 @@ def _zoo_parser(sub) -> None:
     p.add_argument("--task", help="task spec file: its planning settings (zoo entries, model_dirs) apply")
 
 
+def _llm_parser(sub) -> None:
+    p = sub.add_parser(
+        "llm",
+        help="serve the embedded LLM as an OpenAI-compatible endpoint, in the foreground",
+        description="Start the embedded local LLM and serve it at http://HOST:PORT/v1 (chat completions with "
+                    "label-enum JSON schemas, /v1/models) until Ctrl-C; point --base-url of other runs at it.",
+    )
+    p.add_argument("--model", default=None, help="qwen2.5-coder-0.5b-instruct (default), smollm2-135m-instruct, "
+                                                 "or a local Hugging Face model directory")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: 8000)")
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--backend", default=None, choices=["auto", "bfloat16", "float32"],
+                   help="auto (default): bfloat16 where the CPU multiplies it natively, else float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs of this machine)")
+
+
+def _llm_command(args) -> None:
+    import os
+
+    from labelwright.cluster.embedded_llm import EmbeddedLLMConfig, serve_foreground
+
+    given = {"model": args.model, "port": args.port, "host": args.host, "backend": args.backend,
+             "torch_threads": args.threads or os.cpu_count() or 1}
+    config = EmbeddedLLMConfig(**{k: v for k, v in given.items() if v is not None})
+    print(f"labelwright llm: loading {config.model} (backend {config.backend}, {config.threads} threads)",
+          file=sys.stderr, flush=True)
+    serve_foreground(config, on_ready=lambda url: print(url, flush=True))
+
+
 def _overrides(a: argparse.Namespace) -> dict:
     get = lambda name: getattr(a, name, None)  # noqa: E731 - not every command has every flag
     if a.command != "annotate":
@@ -84,7 +115,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "labels": a.labels, "text_column": a.text_column, "id_column": a.id_column, "gold_column": a.gold_column,
         "instruction": a.instruction,
         "controller": {"base_url": a.base_url, "model": a.model},
-        "embedded_llm": {"model": a.llm},
+        "embedded_llm": {"model": a.llm, "backend": a.llm_backend},
         "voting": {"rule": a.voting_rule, "threshold": a.threshold, "target_accuracy": a.target_accuracy},
         "seed": {"size": a.seed_size, "gold_file": a.seed_file},
         "budget": {"max_llm_calls": a.max_llm_calls, "max_llm_tokens": a.max_llm_tokens},
@@ -99,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     _annotate_parser(sub)
     _plan_parser(sub)
     _zoo_parser(sub)
+    _llm_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "annotate":
@@ -115,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             _plan_command(args)
         elif args.command == "zoo":
             _zoo_command(args)
+        elif args.command == "llm":
+            _llm_command(args)
     except LabelwrightError as exc:
         print(f"labelwright: error: {exc}", file=sys.stderr)
         return 2
