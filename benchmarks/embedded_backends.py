@@ -4,7 +4,7 @@
         --backends "float32|bfloat16|bfloat16, no reuse|bfloat16, logits bf16|int8 dynamic|llama.cpp"
 
 Prompts: for each dataset the first ``--rows`` test rows, asked as the controller asks a hard row
-(``orchestrator/prompts.build_messages``: the dataset's instruction, the allowed labels, 4 demonstrations
+(``specialists/prompts.build_messages``: the dataset's instruction, the allowed labels, 4 demonstrations
 that are the nearest of 200 train rows by MiniLM embedding, nearest last, with their gold labels). With more
 labels than 12 (banking77) the 12 labels nearest the text by embedding are offered, as the job offers
 ``controller.max_choices``. Every backend answers the same prompts with constrained choice (every
@@ -62,7 +62,7 @@ def build_prompts(datasets: list[str], rows: int) -> list[dict]:
     """The controller's messages for each sampled row, with its offered labels and gold label."""
     import pandas as pd
 
-    from labelwright.orchestrator import prompts
+    from labelwright.specialists import prompts
     from labelwright.orchestrator.seed import nearest
     from labelwright.specialists.encoder import Encoder
 
@@ -145,7 +145,7 @@ class LlamaCppScorer:
         return list(z - (np.log(np.exp(z - z.max()).sum()) + z.max()))
 
     def choose(self, messages, field, allowed):
-        from labelwright.cluster.embedded_llm import answer_prefix
+        from labelwright.specialists.llm_engine import answer_prefix
 
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text + answer_prefix(field), add_special_tokens=False)["input_ids"]
@@ -185,7 +185,7 @@ def before_engine_class():
     and every label's padded continuation run as a batch over them (the float32 reference's old speed)."""
     import torch
 
-    from labelwright.cluster.embedded_llm import LocalLLMEngine, _cache_of, _LabelPass, answer_prefix
+    from labelwright.specialists.llm_engine import LocalLLMEngine, _cache_of, _LabelPass, answer_prefix
 
     class BeforeEngine(LocalLLMEngine):
         def _score_labels(self, messages, field, labels, cancel=None):
@@ -229,8 +229,8 @@ def load_backend(name: str, threads: int):
     """The scorer for backend ``name`` and the model's config (a dict)."""
     import torch
 
-    from labelwright.cluster.embedded_llm import LocalLLMEngine
-    from labelwright.cluster.local_model import BUNDLED_MODELS, assemble_gguf, ensure_cached
+    from labelwright.specialists.llm_engine import LocalLLMEngine
+    from labelwright.specialists.local_model import BUNDLED_MODELS, assemble_gguf, ensure_cached
 
     torch.set_num_threads(threads)
     cached = ensure_cached(MODEL)
@@ -243,7 +243,7 @@ def load_backend(name: str, threads: int):
             assemble_gguf(BUNDLED_MODELS[MODEL], gguf)
         return LlamaCppScorer(str(gguf), AutoTokenizer.from_pretrained(str(cached)), threads), config
     if name == "float32, before":
-        from labelwright.cluster.local_model import load_local_model
+        from labelwright.specialists.local_model import load_local_model
 
         model, tokenizer = load_local_model(MODEL, torch_threads=threads, backend="float32")
         return TorchScorer(before_engine_class()(model, tokenizer, model_name=MODEL), reuse=False), config
@@ -294,7 +294,7 @@ def run_backend(name: str, prompts_file: Path, threads: int) -> dict:
 
 def first_start(kind: str) -> float:
     """Seconds of the one-off conversion into an empty cache."""
-    from labelwright.cluster.local_model import BUNDLED_MODELS, assemble_gguf, ensure_cached
+    from labelwright.specialists.local_model import BUNDLED_MODELS, assemble_gguf, ensure_cached
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--first-start", action="store_true", help="also time the conversion into an empty cache")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_embedded_backends"))
+    ap.add_argument("--keep", action="store_true",
+                    help="reuse the results already in --out (same prompts) for backends measured before; run the rest")
     ap.add_argument("--_one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -379,9 +381,15 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     items = build_prompts([d for d in args.datasets.split(",") if d], args.rows)
+    if args.keep and prompts_file.is_file() and json.loads(prompts_file.read_text()) != items:
+        raise SystemExit(f"--keep: the prompts in {prompts_file} differ from these; drop --keep or change --out")
     prompts_file.write_text(json.dumps(items))
     results = []
     for name in [b.strip() for b in args.backends.split("|") if b.strip()]:
+        path = args.out / f"result-{name.replace(' ', '_').replace(',', '')}.json"
+        if args.keep and path.is_file():
+            results.append(json.loads(path.read_text()))
+            continue
         if name == "llama.cpp":
             try:
                 import llama_cpp  # noqa: F401
@@ -391,7 +399,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {len(items)} questions", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--_one", name, "--out", str(args.out), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, env=os.environ.copy())
-        path = args.out / f"result-{name.replace(' ', '_').replace(',', '')}.json"
         if proc.returncode != 0 or not path.is_file():
             print(f"{name}: failed with exit code {proc.returncode}", file=sys.stderr)
             continue

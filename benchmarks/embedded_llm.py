@@ -13,7 +13,7 @@ Usage::
 
     python benchmarks/embedded_llm.py --rows 60 --models qwen2.5-coder-0.5b-instruct smollm2-135m-instruct
 
-Models must be convertible offline (see ``labelwright.cluster.local_model``); the first run converts them.
+Models must be convertible offline (see ``labelwright.specialists.local_model``); the first run converts them.
 """
 
 import argparse
@@ -95,7 +95,7 @@ def run_model(model_name: str, datasets_dir: Path, rows: int, threads: int, cell
     import torch
 
     torch.set_num_threads(threads)
-    from labelwright.cluster.embedded_llm import LocalLLMEngine
+    from labelwright.specialists.llm_engine import LocalLLMEngine
 
     start = time.perf_counter()
     engine = LocalLLMEngine.load(model_name, torch_threads=threads)

@@ -19,7 +19,7 @@ import torch
 
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
-from labelwright.training.finetune import train_loop
+from labelwright.specialists.transformer_classifier import train_loop
 
 
 def measure(device: str, model: str, train: pd.DataFrame, test: pd.DataFrame, labels: list[str], threads: int) -> dict:

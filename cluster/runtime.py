@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from labelwright.orchestrator.dataset_io import StagedInput, read_frame
-from labelwright.orchestrator.errors import InputDataError
+from labelwright.specialists.errors import InputDataError
 from labelwright.orchestrator.seed import diverse_sample
 from labelwright.orchestrator.voting import top_candidates
 

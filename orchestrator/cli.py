@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from labelwright.orchestrator.errors import InputDataError, LabelwrightError
+from labelwright.specialists.errors import InputDataError, LabelwrightError
 
 
 def _annotate_parser(sub) -> None:
@@ -100,7 +100,11 @@ def _llm_command(args) -> None:
     config = EmbeddedLLMConfig(**{k: v for k, v in given.items() if v is not None})
     print(f"labelwright llm: loading {config.model} (backend {config.backend}, {config.threads} threads)",
           file=sys.stderr, flush=True)
-    serve_foreground(config, on_ready=lambda url: print(url, flush=True))
+    try:
+        serve_foreground(config, on_ready=lambda url: print(url, flush=True))
+    except KeyboardInterrupt:  # Ctrl-C is how it is meant to stop: open requests were finished first
+        pass
+    print("labelwright llm: stopped", file=sys.stderr)
 
 
 def _overrides(a: argparse.Namespace) -> dict:

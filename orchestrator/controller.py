@@ -26,9 +26,9 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import prompts
+from labelwright.specialists import prompts
 from .cost import Usage, UsageMeter
-from .errors import ConfigError, ControllerError
+from labelwright.specialists.errors import ConfigError, ControllerError
 from .llm_cache import LLMCache, cache_key
 
 LOCAL_DUMMY_KEY = "labelwright-local"  # sent to loopback endpoints when no key is set; they ignore it

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labelwright.orchestrator.errors import InputDataError
+from labelwright.specialists.errors import InputDataError
 
 # Columns that labelwright writes itself; an input column of the same name passes through as input_<name>.
 RESERVED = {

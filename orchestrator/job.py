@@ -21,7 +21,7 @@ import pandas as pd
 
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
-from labelwright.orchestrator.errors import ConfigError, ControllerError, InputDataError
+from labelwright.specialists.errors import ConfigError, ControllerError, InputDataError
 from labelwright.orchestrator.report import accuracy, build_report, sent_to_llm, summary
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (

@@ -30,6 +30,7 @@ import pandas as pd
 
 from labelwright.orchestrator.report import accuracy
 from labelwright.orchestrator.spec import TaskSpec
+from labelwright.orchestrator.voting import check_judge
 from labelwright.specialists.base import read_manifest
 from labelwright.training.buffer import HardBuffer
 from labelwright.training.stage import CheckSet, evaluate, run_stage
@@ -66,6 +67,7 @@ class StagedLearning:
         gate=None,
     ):
         self.spec, self.cfg = spec, spec.stages
+        self.judge = check_judge(spec.voting, min_fit_rows=self.cfg.min_check_rows)
         self.run_dir = Path(run_dir)
         self.seed_texts, self.seed_labels = seed_texts, seed_labels
         self.check, self.exclude_rows = check, exclude_rows
@@ -80,8 +82,7 @@ class StagedLearning:
                 "stage": 0, "new_rows": len(seed_texts), "replay_rows": 0, "upto_seq": -1,
                 "train_s": round(stage0_train_s, 2), "checkpoints": dict(stage0), "candidates": dict(stage0),
                 "rolled_back": [], "checked": len(check0) > 0,
-                "check": evaluate(stage0, check0, label_names=spec.label_names, voting=spec.voting,
-                                  min_fit_rows=self.cfg.min_check_rows),
+                "check": evaluate(stage0, check0, label_names=spec.label_names, judge=self.judge),
                 "versions": versions_of(stage0), "rows_seen_at_start": 0,
             })
             _write_json(self.path, self.records)
@@ -220,7 +221,7 @@ class StagedLearning:
             self.spec.specialists, stage=stage, deployed=dict(self.deployed),
             seed_texts=self.seed_texts, seed_labels=self.seed_labels, buffer=train, since_seq=since,
             upto_seq=self._pending_upto, replay_ratio=self.cfg.replay_ratio, check=check,
-            label_names=self.spec.label_names, run_dir=self.run_dir, voting=self.spec.voting,
+            label_names=self.spec.label_names, run_dir=self.run_dir, judge=self.judge,
             tolerance=self.cfg.rollback_tolerance,
             min_check_rows=self.cfg.min_check_rows, train_workers=runtime.train_workers, use_gpu=self.gpu,
             log=self.log,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 
 CACHE_ENV = "LABELWRIGHT_CACHE"
 CACHE_FILE = "controller-cache.sqlite"

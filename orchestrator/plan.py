@@ -18,8 +18,9 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from labelwright.orchestrator import prompts
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists import prompts
+from labelwright.specialists.config_files import error_lines, read_config_file
+from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.voting import RULES
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.zoo import Zoo, ZooEntry
@@ -77,16 +78,12 @@ class Plan(BaseModel):
 
 def load_plan(path: str | Path) -> Plan:
     """A plan file (YAML or JSON) as a :class:`Plan`; :func:`validate_plan` still has to accept it."""
-    from labelwright.orchestrator.spec import read_config_file
-
     data = read_config_file(path, what="plan file", flag="--plan")
     if not isinstance(data, dict):
         raise ConfigError(f"plan file {path} must hold a mapping (labels, specialists, voting_rule)")
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
-        from labelwright.orchestrator.spec import error_lines
-
         raise ConfigError(f"plan file {path} is not a plan: {'; '.join(error_lines(err))}") from None
 
 

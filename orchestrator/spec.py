@@ -6,7 +6,6 @@ errors name the field and say what to do (see :func:`load_task`).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from labelwright.cluster.embedded_llm import EmbeddedLLMConfig
 from labelwright.orchestrator.controller import ControllerConfig
-from labelwright.orchestrator.errors import ConfigError
 from labelwright.orchestrator.voting import RULES
 from labelwright.specialists.base import SpecialistConfig
+from labelwright.specialists.config_files import error_lines, read_config_file
+from labelwright.specialists.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -202,12 +202,6 @@ class TaskSpec(_Strict):
         return {lab.name: lab.description for lab in self.labels if lab.description}
 
 
-def error_lines(err: ValidationError, *, top: str = "(top level)") -> list[str]:
-    """Each validation error as "field.path: message" (our validators' messages say what to do)."""
-    return [f"{'.'.join(str(p) for p in e['loc']) or top}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()]
-
-
 def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid task spec ({source}):\n" + "\n".join(f"  - {line}" for line in error_lines(err))
 
@@ -217,23 +211,6 @@ def _deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def read_config_file(path: str | Path, *, what: str, flag: str | None = None) -> Any:
-    """The parsed content of a YAML or JSON file (by suffix; YAML otherwise), never executing anything."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f"; pass a YAML or JSON file to {flag}" if flag else "; fix the path"
-        raise ConfigError(f"{what} {path} does not exist{hint}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, Exception) as exc:  # yaml.YAMLError has no common base we import
-        raise ConfigError(f"{what} {path} is not valid {path.suffix or 'YAML'}: {exc}") from None
 
 
 def load_task(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TaskSpec:

@@ -192,7 +192,7 @@ class ControllerStage:
         for a in answers:
             self.down_streak = self.down_streak + 1 if a.endpoint_down else 0
         if self.s.endpoint_down_after and self.down_streak >= self.s.endpoint_down_after:
-            from labelwright.orchestrator.errors import ControllerError
+            from labelwright.specialists.errors import ControllerError
 
             last = next(a.reason for a in reversed(answers) if a.endpoint_down)
             raise ControllerError(

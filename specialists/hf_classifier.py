@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, read_manifest
 from labelwright.specialists.encoder import length_order, load_pretrained, pick_device
 

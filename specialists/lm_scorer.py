@@ -1,6 +1,6 @@
 """A causal LM used as a zero-shot classifier by the log-probability of each label's answer.
 
-The prompt is the controller's (``orchestrator/prompts.py``): the instruction (``config.template``, else
+The prompt is the controller's (``specialists/prompts.py``): the instruction (``config.template``, else
 ``prompts.DEFAULT_INSTRUCTION``), the task's labels with their ``label_texts`` as descriptions, and the fenced
 text; the answer is the same ``{"label": "<label>"}`` the embedded LLM scores. A label's probability is
 p(answer is that label | answer is one of the task's labels), from one pass over the prompt and one
@@ -8,7 +8,7 @@ batched pass over the labels' tokens (``LocalLLMEngine.label_logprobs``, the com
 LLM's ``choose``), so its best label is the one ``choose`` picks.
 
 ``config.model`` names an embedded model (``qwen2.5-coder-0.5b-instruct``, ``smollm2-135m-instruct``), a local
-Hugging Face directory or a hub id, loaded by ``cluster/local_model.py`` (it needs a chat template). The
+Hugging Face directory or a hub id, loaded by ``specialists/local_model.py`` (it needs a chat template). The
 checkpoint is the manifest alone: ``load`` resolves ``config.model`` again (bundled models come from their
 packages and the local cache, so a local directory must stay where it is). Slow on CPU: one prompt pass
 per text, measured ~1.2 s a row for the 135M model and ~3.6 s for the 0.5B one (one thread on a busy
@@ -22,10 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-from labelwright.orchestrator.errors import SpecialistError
-from labelwright.orchestrator.prompts import DEFAULT_INSTRUCTION, build_messages
+from labelwright.specialists.errors import SpecialistError
+from labelwright.specialists.prompts import DEFAULT_INSTRUCTION, build_messages
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, read_manifest, softmax_rows
 from labelwright.specialists.encoder import pick_device
+from labelwright.specialists.llm_engine import LocalLLMEngine
+from labelwright.specialists.local_model import load_local_model
 
 ANSWER_FIELD = "label"  # the answer {"label": ...} that prompts.system_message asks for
 # The text in the prompt is cut to about max_length tokens (English BPE averages ~4 characters a token).
@@ -41,9 +43,6 @@ class LMScorerSpecialist(Specialist):
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, device=None, engine=None):
         """``engine``: a ``LocalLLMEngine`` already holding the model (tests); else ``config.model`` is loaded."""
         super().__init__(config, labels)
-        from labelwright.cluster.embedded_llm import LocalLLMEngine
-        from labelwright.cluster.local_model import load_local_model
-
         if engine is None:
             model, tokenizer = load_local_model(config.model)
             if getattr(tokenizer, "chat_template", None) is None:

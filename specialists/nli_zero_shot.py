@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, fill_template, softmax_rows, verbalise_labels
 from labelwright.specialists.encoder import length_order
 from labelwright.specialists.hf_classifier import load_classifier, open_classifier, save_classifier

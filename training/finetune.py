@@ -1,118 +1,27 @@
-"""Fine-tune a ``transformer_classifier`` specialist: one plain training loop, run in-process or on Ray Train.
+"""Fine-tune a ``transformer_classifier`` specialist on Ray Train.
 
-``train_loop`` is the per-worker loop (AdamW, linear warm-up then linear decay, gradient clipping,
-optional per-row weights); it needs no Ray. ``fine_tune_transformer`` runs it data-parallel on a
-Ray Train ``TorchTrainer`` (each worker trains on its own shard, gradients averaged by DDP through
+The per-worker loop is the specialist's own (``specialists/transformer_classifier.train_loop``: AdamW,
+warm-up then linear decay, gradient clipping, optional per-row weights; no Ray). ``fine_tune_transformer``
+runs it data-parallel on a Ray Train ``TorchTrainer`` (each worker trains on its own shard, gradients averaged by DDP through
 ``ray.train.torch.prepare_model``), reports the loss each epoch and has rank 0 save a checkpoint
 that ``load_specialist`` opens.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import SpecialistConfig, clean_texts, encode_training_labels
-from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
-
-WARMUP_FRACTION = 0.1
-WEIGHT_DECAY = 0.01
-MAX_GRAD_NORM = 1.0
-
-
-def shard_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's rows for one epoch: one shared shuffle, padded by wrap-around so every rank gets
-    the same count (DDP needs the same number of steps on every worker)."""
-    perm = np.random.default_rng(seed + epoch).permutation(n)
-    per_rank = math.ceil(n / world_size)
-    padded = np.resize(perm, per_rank * world_size)
-    return padded[rank::world_size]
-
-
-def train_loop(
-    spec: TransformerClassifierSpecialist,
-    texts: Sequence[str],
-    y: np.ndarray,
-    sample_weight: np.ndarray | None = None,
-    *,
-    epochs: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Train ``spec.module`` in place on label indices ``y``; return the mean loss of each epoch.
-
-    ``wrap_model`` (e.g. ``ray.train.torch.prepare_model``) wraps the module for data-parallel work;
-    ``on_epoch(epoch, loss)`` is called after every epoch on every rank. The specialist's version is
-    refreshed at the end.
-    """
-    epochs = spec.epochs if epochs is None else epochs
-    lr = spec.lr if lr is None else lr
-    y = np.asarray(y, dtype=np.int64)
-    w = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-    if len(texts) == 0:
-        raise SpecialistError(f"specialist {spec.name!r}: the training set is empty; give at least one row")
-    torch.manual_seed(seed + rank)
-    model = wrap_model(spec.module) if wrap_model is not None else spec.module
-    device = next(model.parameters()).device
-    batch_size = spec.config.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(texts) / world_size) / batch_size)
-    total_steps = max(1, steps_per_epoch * epochs)
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
-
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
-    )
-    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    losses = []
-    for epoch in range(epochs):
-        model.train()
-        idx = shard_indices(len(texts), epoch=epoch, seed=seed, rank=rank, world_size=world_size)
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        for start in range(0, len(idx), batch_size):
-            rows = idx[start : start + batch_size]
-            batch = spec.tokenize([texts[i] for i in rows]).to(device)
-            target = torch.as_tensor(y[rows], device=device)
-            weight = torch.as_tensor(w[rows], device=device)
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            per_row = F.cross_entropy(logits, target, reduction="none")
-            loss = (per_row * weight).sum() / weight.sum().clamp(min=1e-8)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += torch.tensor([float(per_row.detach().sum()), len(rows)], dtype=torch.float64)
-        if distributed:
-            torch.distributed.all_reduce(loss_sum)
-        epoch_loss = float(loss_sum[0] / loss_sum[1])
-        losses.append(epoch_loss)
-        if on_epoch is not None:
-            on_epoch(epoch, epoch_loss)
-    spec.module.eval()
-    spec.mark_trained()
-    return losses
-
+from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist, train_loop
 
 def _ray_train_func(loop_config: dict) -> None:
     """Per-worker entry point for ``TorchTrainer``."""

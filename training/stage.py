@@ -125,46 +125,36 @@ class CheckSet:
         return len(self.texts)
 
 
-def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], voting=None,
-             min_fit_rows: int = 1, probs_cache: dict[str, np.ndarray] | None = None) -> dict:
-    """Each specialist's accuracy on the check rows, and what the voting rule (``voting``, the task's
-    :class:`VotingConfig`; unanimity when None) makes of them together: the share of hard rows and the
-    accuracy of the consensus rows. With ``voting.target_accuracy`` and at least ``min_fit_rows`` check
-    rows, the rule's threshold is calibrated on these rows first (``gate`` in the result: what the voters
-    are given) and the shares are those under it; with fewer, the configured threshold. ``probs_cache``
-    (checkpoint path -> probabilities on these rows) lets several evaluations of one stage load and run
-    each checkpoint once."""
-    from labelwright.orchestrator.voting import calibrate, gated, get_rule
+Judge = Callable[[np.ndarray, np.ndarray, np.ndarray, list[str]], dict]
+
+
+def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], judge: Judge | None = None,
+             probs_cache: dict[str, np.ndarray] | None = None) -> dict:
+    """Each specialist's accuracy on the check rows, and what ``judge`` makes of them together.
+
+    ``judge(probs, gold, names, specialists)`` gets the stacked probabilities (specialists x rows x labels),
+    the check rows' labels, the label names and the specialists' names, and returns the fields it adds (the job's judge applies the voting
+    rule: ``hard_share``, ``consensus_accuracy``, a calibrated ``gate``); without one those stay None.
+    ``probs_cache`` (checkpoint path -> probabilities on these rows) lets several evaluations of one stage
+    load and run each checkpoint once."""
     from labelwright.specialists.registry import load_specialist
 
+    out: dict = {"rows": len(check), "source": check.source, "specialists": {}, "hard_share": None,
+                 "consensus_accuracy": None}
     if not len(check):
-        return {"rows": 0, "source": check.source, "specialists": {}, "hard_share": None, "consensus_accuracy": None}
+        return out
     gold = np.array(check.labels, dtype=object)
     names = np.array(label_names, dtype=object)
-    probs, acc = [], {}
+    probs = []
     cache = {} if probs_cache is None else probs_cache
     for name, path in checkpoints.items():
         if path not in cache:
             cache[path] = np.asarray(load_specialist(path).predict_proba(check.texts), dtype=np.float64)
         p = cache[path]
         probs.append(p)
-        acc[name] = float(np.mean(names[p.argmax(1)] == gold))
-    rule = get_rule(voting.rule if voting is not None else "unanimity")
-    weights = None if voting is None or not voting.weights else [voting.weights.get(n, 1.0) for n in checkpoints]
-    target = None if voting is None or len(check) < min_fit_rows else voting.target_accuracy
-    out: dict = {"rows": len(check), "source": check.source, "specialists": acc}
-    if target is None:
-        threshold = {} if voting is None or voting.threshold is None else {"threshold": voting.threshold}
-        votes = rule(np.stack(probs), weights=weights, **threshold)
-    else:
-        base = rule(np.stack(probs), weights=weights, threshold=0.0)
-        fit = calibrate(base, names[base.leading] == gold, target=target)
-        votes = gated(base, fit.threshold)
-        out["gate"] = fit.as_dict()
-    easy = ~votes.hard
-    agreed = names[votes.leading]
-    out.update(hard_share=float(np.mean(votes.hard)),
-               consensus_accuracy=float(np.mean(agreed[easy] == gold[easy])) if easy.any() else None)
+        out["specialists"][name] = float(np.mean(names[p.argmax(1)] == gold))
+    if judge is not None and probs:
+        out.update(judge(np.stack(probs), gold, names, list(checkpoints)))
     return out
 
 
@@ -190,7 +180,7 @@ def run_stage(
     check: CheckSet,
     label_names: list[str],
     run_dir: str | Path,
-    voting=None,
+    judge: Judge | None = None,
     tolerance: float = 0.01,
     min_check_rows: int = 20,
     train_workers: int = 1,
@@ -223,7 +213,7 @@ def run_stage(
     )
     train_s = time.monotonic() - t0
     probs: dict[str, np.ndarray] = {}  # each checkpoint is loaded and run on the check rows once
-    same = dict(label_names=label_names, voting=voting, min_fit_rows=min_check_rows, probs_cache=probs)
+    same = dict(label_names=label_names, judge=judge, probs_cache=probs)
     before = evaluate(deployed, check, **same)
     after = evaluate(candidates, check, **same)
     accepted, rolled_back = dict(candidates), []

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from labelwright.orchestrator.cli import main
-from labelwright.orchestrator.errors import ConfigError, ControllerError
+from labelwright.specialists.errors import ConfigError, ControllerError
 from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.plan import load_plan
 from labelwright.orchestrator.spec import load_task

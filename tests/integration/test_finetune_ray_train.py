@@ -41,7 +41,7 @@ def test_a_later_stage_continues_on_two_train_workers(ray_cluster, tiny_bert, tm
     import pandas as pd
 
     from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
-    from labelwright.training.finetune import train_loop
+    from labelwright.specialists.transformer_classifier import train_loop
     from labelwright.training.stage import CheckSet, checkpoint_dir, run_stage
 
     config = SpecialistConfig(name="tfm", kind="transformer_classifier", model=tiny_bert, max_length=16,

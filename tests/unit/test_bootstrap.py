@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from labelwright.orchestrator.bootstrap import _file_pool, label_choices, verbalise
-from labelwright.orchestrator.errors import InputDataError
+from labelwright.specialists.errors import InputDataError
 
 
 def test_file_pool_samples_texts_with_ids_that_cannot_collide(tmp_path):

@@ -10,9 +10,9 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from labelwright.orchestrator import prompts
+from labelwright.specialists import prompts
 from labelwright.orchestrator.controller import Controller, ControllerConfig, label_confidence
-from labelwright.orchestrator.errors import ConfigError, ControllerError
+from labelwright.specialists.errors import ConfigError, ControllerError
 from tests.fake_openai import (
     FakeOpenAI,
     constant,

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from labelwright.orchestrator.dataset_io import read_frame, stage_input, write_frame
-from labelwright.orchestrator.errors import InputDataError
+from labelwright.specialists.errors import InputDataError
 
 
 def staged_frame(staged):

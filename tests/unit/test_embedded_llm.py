@@ -13,15 +13,15 @@ import time
 import numpy as np
 import pytest
 
-from labelwright.cluster.embedded_llm import (
+from labelwright.cluster.embedded_llm import EmbeddedLLMConfig, build_openai_app
+from labelwright.specialists.llm_engine import (
     ChoiceResult,
-    EmbeddedLLMConfig,
     Generation,
     LocalLLMEngine,
     TokenLogprob,
     answer_prefix,
-    build_openai_app,
     constrained_logprobs,
+    label_tree,
 )
 
 SCHEMA_LABELS = ["positive", "negative", "neutral"]
@@ -291,8 +291,8 @@ def test_openai_client_raises_bad_request(http_server):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_engine():
+def build_tiny_llm():
+    """A 2-layer Llama with random weights (seed 0), its own small BPE tokenizer and a chat template."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -316,7 +316,85 @@ def tiny_engine():
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    model, tokenizer = build_tiny_llm()
     return LocalLLMEngine(model, tokenizer, model_name="tiny")
+
+
+def test_label_tree_shares_prefixes_and_scores_every_label_from_one_sequence():
+    # labels as token ids: [5, 6, 9], [5, 7, 9], [8, 9]; the final 9 stands for the closing '"}'
+    tokens, parents, index = label_tree([[5, 6, 9], [5, 7, 9], [8, 9]])
+    # positions: (5,) (5,6) (5,7) (8,): the shared first token once, no position for a label's last token
+    assert index == {(5,): 0, (5, 6): 1, (5, 7): 2, (8,): 3}
+    assert tokens == [5, 6, 7, 8] and parents == [-1, 0, 0, -1]
+    assert label_tree([[1, 2]]) == ([1], [-1], {(1,): 0})
+
+
+def test_a_label_that_begins_another_is_scored_as_if_alone(tiny_engine):
+    """'Sports' and 'Sports & Science' share their first tokens (one tree position); the tree pass must
+    still give each label the log-prob of scoring it alone."""
+    labels = ["Sports", "Sports & Science", "Science & Mathematics"]
+    messages = [{"role": "user", "content": "this film is great"}]
+    tiny_engine._last = None
+    got = tiny_engine.label_logprobs(messages, "label", labels)
+    alone = [_score_alone(tiny_engine, messages, "label", label) for label in labels]
+    log_z = math.log(sum(math.exp(a) for a in alone))
+    assert got == pytest.approx([a - log_z for a in alone], abs=1e-4)
+
+
+def test_auto_backend_is_bfloat16_only_where_the_cpu_multiplies_it_natively():
+    from labelwright.specialists.errors import ConfigError
+    from labelwright.specialists.local_model import native_bf16_cpu, resolve_backend
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n"
+    zen4 = "flags\t\t: fpu avx512f avx512_bf16\n"
+    old = "flags\t\t: fpu sse2 avx2 fma\n"
+    assert native_bf16_cpu(amx) and native_bf16_cpu(zen4) and not native_bf16_cpu(old)
+    assert not native_bf16_cpu("")  # no flags line (not Linux x86): float32
+    assert resolve_backend("auto", cpuinfo=amx) == "bfloat16"
+    assert resolve_backend("auto", cpuinfo=old) == "float32"
+    assert resolve_backend("float32", cpuinfo=amx) == "float32"
+    with pytest.raises(ConfigError, match="bfloat16"):
+        resolve_backend("int4")
+
+
+def test_bfloat16_keeps_the_vocabulary_logits_in_float32_and_the_same_choices(tmp_path):
+    """The cast model answers as the float32 one on clear choices, its logits are float32 (not rounded to
+    bfloat16's steps) and its served name says the precision."""
+    import torch
+
+    from labelwright.specialists.local_model import to_bfloat16
+
+    model, tokenizer = build_tiny_llm()
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    full = LocalLLMEngine.load(str(tmp_path / "tiny"), backend="float32")
+    half = LocalLLMEngine.load(str(tmp_path / "tiny"), backend="bfloat16")
+    assert full.model_name.endswith("@float32") and half.model_name.endswith("@bfloat16")
+    assert half.model.get_output_embeddings().weight.dtype == torch.float32
+    assert next(half.model.model.parameters()).dtype == torch.bfloat16
+    messages = [{"role": "user", "content": "this film is great"}]
+    labels = ["positive", "negative", "Sports"]
+    a, b = full.label_logprobs(messages, "label", labels), half.label_logprobs(messages, "label", labels)
+    assert b == pytest.approx(a, abs=0.1)
+    with torch.inference_mode():
+        logits = half.model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.float32
+    assert to_bfloat16(build_tiny_llm()[0]).get_output_embeddings().weight.dtype == torch.float32
+
+
+def test_a_running_endpoint_is_reused_only_for_the_model_and_precision_asked():
+    from labelwright.cluster.embedded_llm import _serves
+
+    cfg = EmbeddedLLMConfig(model="qwen2.5-coder-0.5b-instruct")
+    assert _serves("qwen2.5-coder-0.5b-instruct@bfloat16", cfg)  # auto takes what runs
+    assert not _serves("qwen2.5-coder-0.5b-instruct@bfloat16", cfg.model_copy(update={"backend": "float32"}))
+    assert not _serves("smollm2-135m-instruct@float32", cfg)
+    assert not _serves(None, cfg)
 
 
 def _score_alone(engine, messages, field, label):
@@ -375,7 +453,7 @@ def test_a_cancelled_request_is_not_computed_and_a_long_answer_stops(tiny_engine
     """A caller that went away (a timeout, a closed connection) must not keep the one replica busy."""
     import threading
 
-    from labelwright.cluster.embedded_llm import RequestCancelled
+    from labelwright.specialists.llm_engine import RequestCancelled
 
     messages = [{"role": "user", "content": "this film is great"}]
     gone = threading.Event()
@@ -415,8 +493,8 @@ def test_config_rejects_root_route_prefix():
 
 
 def test_missing_package_names_package_and_install_command():
-    from labelwright.cluster.local_model import BundledGGUF, locate_parts
-    from labelwright.orchestrator.errors import ModelAssetError
+    from labelwright.specialists.local_model import BundledGGUF, locate_parts
+    from labelwright.specialists.errors import ModelAssetError
 
     spec = BundledGGUF(name="m", packages=("pytest", "labelwright-no-such-part"), files=("pytest/__init__.py",
                        "x/part.bin"), version="9.9", size=1, sha256="0" * 64, gguf_name="m.gguf")
@@ -430,8 +508,8 @@ def test_missing_package_names_package_and_install_command():
 def test_checksum_mismatch_refuses_and_removes_assembled_file(tmp_path):
     import importlib.metadata
 
-    from labelwright.cluster.local_model import BundledGGUF, assemble_gguf
-    from labelwright.orchestrator.errors import ModelAssetError
+    from labelwright.specialists.local_model import BundledGGUF, assemble_gguf
+    from labelwright.specialists.errors import ModelAssetError
 
     dist = importlib.metadata.distribution("pytest")
     size = sum((dist.locate_file(f)).stat().st_size for f in ["pytest/__init__.py", "pytest/__main__.py"])
@@ -448,7 +526,7 @@ def test_checksum_mismatch_refuses_and_removes_assembled_file(tmp_path):
 def test_bundled_qwen_parts_assemble_to_the_recorded_file(tmp_path):
     import importlib.metadata
 
-    from labelwright.cluster.local_model import BUNDLED_MODELS, QWEN_05B, assemble_gguf
+    from labelwright.specialists.local_model import BUNDLED_MODELS, QWEN_05B, assemble_gguf
 
     spec = BUNDLED_MODELS[QWEN_05B]
     try:
@@ -461,7 +539,7 @@ def test_bundled_qwen_parts_assemble_to_the_recorded_file(tmp_path):
 
 
 def test_killed_conversion_leaves_no_cache(tmp_path, monkeypatch):
-    from labelwright.cluster import local_model
+    from labelwright.specialists import local_model
 
     def dies(spec, work_dir):
         (work_dir / "partial.bin").write_bytes(b"x" * 10)
@@ -476,8 +554,8 @@ def test_killed_conversion_leaves_no_cache(tmp_path, monkeypatch):
 
 
 def test_unknown_model_name_is_a_config_error():
-    from labelwright.cluster.local_model import resolve_model_source
-    from labelwright.orchestrator.errors import ConfigError
+    from labelwright.specialists.local_model import resolve_model_source
+    from labelwright.specialists.errors import ConfigError
 
     with pytest.raises(ConfigError, match="qwen2.5-coder-0.5b-instruct"):
         resolve_model_source("gpt-9")

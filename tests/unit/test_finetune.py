@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.registry import build_specialist, load_specialist
 from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist
-from labelwright.training.finetune import fine_tune_transformer, shard_indices, train_loop
+from labelwright.specialists.transformer_classifier import shard_indices, train_loop
+from labelwright.training.finetune import fine_tune_transformer
 
 LABELS = ["negative", "positive"]
 TEXTS = ["great fun", "awful mess", "a joy to watch", "dull and bad", "lovely", "boring"] * 4

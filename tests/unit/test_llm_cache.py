@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.llm_cache import CACHE_FILE, LLMCache, cache_key, default_cache_path
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from labelwright.orchestrator.controller import Controller, ControllerConfig
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.plan import (
     Plan, PlannedSpecialist, auto_label_map, fallback_plan, load_plan, make_plan, sample_check, validate_plan,
 )

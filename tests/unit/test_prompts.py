@@ -2,7 +2,7 @@
 
 import pytest
 
-from labelwright.orchestrator import prompts
+from labelwright.specialists import prompts
 
 LABELS = ["positive", "negative", "very negative"]
 

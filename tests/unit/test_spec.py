@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.spec import load_task
 
 

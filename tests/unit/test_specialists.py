@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.encoder import Encoder, resolve_model
 from labelwright.specialists.hf_classifier import build_label_matrix, map_native_probs

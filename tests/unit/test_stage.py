@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 
 from labelwright.orchestrator.report import plot_stages  # noqa: E402
 from labelwright.orchestrator.spec import VotingConfig  # noqa: E402
+from labelwright.orchestrator.voting import check_judge  # noqa: E402
 from labelwright.specialists.base import SpecialistConfig  # noqa: E402
 from labelwright.training.buffer import HardBuffer, held_out  # noqa: E402
 from labelwright.training.stage import CheckSet, evaluate, run_stage, train_stage  # noqa: E402
@@ -116,17 +117,21 @@ def test_evaluate_reports_hard_share_and_consensus_accuracy(movie_split, tmp_pat
     configs = [SpecialistConfig(name="a", kind="tfidf_linear"), SpecialistConfig(name="b", kind="tfidf_linear", l2=10.0)]
     ck = train_stage(configs, seed["text"].tolist(), seed["label"].tolist(), label_names=LABELS,
                      run_dir=tmp_path, log=lambda m: None)
-    ev = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS)
+    ev = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS,
+                  judge=check_judge(None))
     assert ev["rows"] == len(held) and set(ev["specialists"]) == {"a", "b"}
     assert 0.0 <= ev["hard_share"] <= 1.0 and 0.0 <= ev["consensus_accuracy"] <= 1.0
-    assert evaluate(ck, CheckSet([], [], "controller"), label_names=LABELS)["hard_share"] is None
+    assert evaluate(ck, CheckSet([], [], "controller"), label_names=LABELS, judge=check_judge(None))["hard_share"] is None
+    # without a judge the specialists are measured alone
+    alone = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS)
+    assert alone["specialists"] == ev["specialists"] and alone["hard_share"] is None
     calibrated = VotingConfig(target_accuracy=0.7)
     fit = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS,
-                   voting=calibrated, min_fit_rows=len(held))["gate"]
+                   judge=check_judge(calibrated, min_fit_rows=len(held)))["gate"]
     assert fit["rows"] == len(held) and fit["target_accuracy"] == 0.7
     # too few rows to fit on: no gate, and the shares are the configured rule's (what the voters use)
     few = evaluate(ck, CheckSet(held["text"].tolist(), held["label"].tolist(), "gold"), label_names=LABELS,
-                   voting=calibrated, min_fit_rows=len(held) + 1)
+                   judge=check_judge(calibrated, min_fit_rows=len(held) + 1))
     assert "gate" not in few and few["hard_share"] == ev["hard_share"]
 
 

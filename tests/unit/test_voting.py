@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from labelwright.orchestrator.errors import ConfigError
+from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.voting import (
     Votes, calibrate, confidence_weighted, gated, get_rule, majority, mean_probs, top_candidates, unanimity,
 )

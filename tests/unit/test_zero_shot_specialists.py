@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from labelwright.orchestrator.errors import SpecialistError
+from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import SpecialistConfig, verbalise_labels
 from labelwright.specialists.embedding_zero_shot import EmbeddingZeroShotSpecialist
 from labelwright.specialists.encoder import Encoder
@@ -198,7 +198,7 @@ def test_lm_scorer_probs_follow_choose_and_round_trip(tiny_lm_dir, tiny_engine, 
 
 
 def test_lm_scorer_default_instruction_and_chat_template_required(tiny_engine, tmp_path):  # noqa: F811
-    from labelwright.orchestrator.prompts import DEFAULT_INSTRUCTION
+    from labelwright.specialists.prompts import DEFAULT_INSTRUCTION
     from labelwright.specialists.lm_scorer import LMScorerSpecialist
 
     tokenizer = copy.deepcopy(tiny_engine.tokenizer)

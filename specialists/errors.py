@@ -1,4 +1,4 @@
-"""One small exception tree for labelwright.
+"""One small exception tree for labelwright, on the ground floor: every package raises these.
 
 Every message names the row, column, file or setting at fault and says what to do about it.
 Row-level problems (an empty text, a garbled controller answer) are not exceptions: they become

@@ -1,9 +1,11 @@
-"""Prompts of the controller: plain functions from a task and a row to chat messages.
+"""Prompts that ask a language model for a label: plain functions from a task and a row to chat messages.
 
 The row's text is data, never instructions: it sits between ``<text>`` and ``</text>`` with ``&``, ``<``
 and ``>`` HTML-escaped, so nothing inside it can close the fence or open a new one, and the system message
 says that anything inside the fence is to be classified, not obeyed. The allowed labels live only in the
 system message and in the response format, both built from the task, never from the row.
+
+The controller (``orchestrator/controller.py``) and the ``lm_scorer`` specialist ask with the same prompts.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labelwright.orchestrator.errors import ConfigError, ModelAssetError
+from labelwright.specialists.errors import ConfigError, ModelAssetError
 
 QWEN_05B = "qwen2.5-coder-0.5b-instruct"
 SMOLLM2_135M = "smollm2-135m-instruct"
