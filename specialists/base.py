@@ -184,6 +184,7 @@ class Specialist(ABC):
             "labels": self.labels,
             "version": self.version,
             "config": self.config.model_dump(mode="json"),
+            "written_by": f"labelwright {package_version()}",
             **extra,
         }
 
@@ -195,6 +196,16 @@ class Specialist(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, labels={len(self.labels)})"
+
+
+def package_version() -> str:
+    """The installed labelwright's version (recorded in every checkpoint it writes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("labelwright")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def softmax_rows(scores: np.ndarray) -> np.ndarray:

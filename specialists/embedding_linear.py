@@ -14,7 +14,7 @@ import numpy as np
 from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, read_manifest
 from labelwright.specialists.encoder import Encoder
-from labelwright.training.linear import fit_logistic_regression, predict_proba_linear
+from labelwright.specialists.linear_head import fit_linear_head, predict_linear_head
 
 # Measured on movie_sentiment and yahoo_topics at 100 and 300 seed rows (train -> dev, 3 draws each):
 # 1e-3 was best or within 0.015 of best in all four cells; 1e-2 lost 11 points on yahoo at 300 rows.
@@ -48,7 +48,7 @@ class EmbeddingLinearSpecialist(Specialist):
 
     def fit_embeddings(self, X: np.ndarray, y: np.ndarray, *, sample_weight=None) -> None:
         """Fit the head on precomputed embeddings (label indices ``y``), e.g. ones cached for k-NN."""
-        self.W, self.b = fit_logistic_regression(X, y, len(self.labels), sample_weight=sample_weight, l2=self.l2)
+        self.W, self.b = fit_linear_head(X, y, len(self.labels), sample_weight=sample_weight, l2=self.l2)
         self.version = f"emb-{digest(self.W, self.b, self.config.model)}"
 
     def predict_proba(self, texts) -> np.ndarray:
@@ -59,7 +59,7 @@ class EmbeddingLinearSpecialist(Specialist):
         texts = self._clean_texts(texts)
         if not texts:
             return np.zeros((0, len(self.labels)), np.float32)
-        return predict_proba_linear(self.encoder.encode(texts), self.W, self.b)
+        return predict_linear_head(self.encoder.encode(texts), self.W, self.b)
 
     def save(self, directory) -> None:
         if self.W is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import warnings
 
@@ -16,7 +18,7 @@ from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.encoder import Encoder, resolve_model
 from labelwright.specialists.hf_classifier import build_label_matrix, map_native_probs
 from labelwright.specialists.registry import build_specialist, load_specialist
-from labelwright.training.linear import fit_logistic_regression, predict_proba_linear
+from labelwright.specialists.linear_head import fit_linear_head, predict_linear_head
 
 LABELS = ["negative", "positive"]
 ODD_TEXTS = ["", None, "word " * 20_000, "\u00e9\u00e8 \U0001f600 \t\n"]
@@ -88,16 +90,34 @@ def test_logistic_regression_weights_and_unseen_class():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(80, 5)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
-    W, b = fit_logistic_regression(X, y, 3, l2=1e-3)
-    probs = predict_proba_linear(X, W, b)
+    W, b = fit_linear_head(X, y, 3, l2=1e-3)
+    probs = predict_linear_head(X, W, b)
     assert_valid_probs(probs, 80, 3)
     assert (probs.argmax(1) == y).mean() > 0.95
     assert probs[:, 2].max() < 0.05  # class 2 was never seen
     # zero weight is the same as leaving the row out
     w = np.r_[np.ones(50), np.zeros(30)].astype(np.float32)
-    W1, b1 = fit_logistic_regression(X, y, 3, sample_weight=w, l2=1e-2)
-    W2, b2 = fit_logistic_regression(X[:50], y[:50], 3, l2=1e-2)
-    np.testing.assert_allclose(predict_proba_linear(X, W1, b1), predict_proba_linear(X, W2, b2), atol=1e-3)
+    W1, b1 = fit_linear_head(X, y, 3, sample_weight=w, l2=1e-2)
+    W2, b2 = fit_linear_head(X[:50], y[:50], 3, l2=1e-2)
+    np.testing.assert_allclose(predict_linear_head(X, W1, b1), predict_linear_head(X, W2, b2), atol=1e-3)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_head_minimises_the_weighted_mean_loss_plus_l2(classes):
+    """scikit-learn's C is set so that its optimum is ours: the gradient of mean weighted cross-entropy +
+    l2/2 |W|^2 vanishes there (for two classes, at the centred two-column form of its one vector)."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 4))
+    y = rng.integers(0, classes, 120)
+    X[np.arange(120), y] += 1.0
+    w = rng.uniform(0.2, 3.0, 120)
+    l2 = 0.05
+    W, b = fit_linear_head(X, y, classes, sample_weight=w, l2=l2)
+    W = W.astype(np.float64) - W.mean(1, keepdims=True)  # same softmax; the penalty's minimiser among them
+    p = predict_linear_head(X, W, b).astype(np.float64)
+    onehot = np.eye(classes)[y]
+    grad = X.T @ ((p - onehot) * (w / w.sum())[:, None]) + l2 * W
+    assert np.abs(grad).max() < 1e-4
 
 
 # ---- tfidf_linear ---------------------------------------------------------------------------------
@@ -122,6 +142,19 @@ def test_tfidf_linear_learns_saves_and_versions(movie, tmp_path):
     first = spec.version
     spec.fit(texts[:150], labels[:150])
     assert spec.version != first and spec.version.startswith("tfidf-")
+
+
+def test_a_tfidf_checkpoint_of_the_hand_written_vectorizer_is_refused_with_what_to_do(movie, tmp_path):
+    texts, labels, _, _ = movie
+    spec = build_specialist(SpecialistConfig(name="tfidf", kind="tfidf_linear"), LABELS)
+    spec.fit(texts[:60], labels[:60])
+    spec.save(tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "specialist.json").read_text())
+    manifest.pop("written_by")  # labelwright 0.1 recorded no version
+    (tmp_path / "old" / "specialist.json").write_text(json.dumps(manifest))
+    (tmp_path / "old" / "tfidf.json").rename(tmp_path / "old" / "vectorizer.json")
+    with pytest.raises(SpecialistError, match="written by labelwright 0.1.*--fresh"):
+        load_specialist(tmp_path / "old")
 
 
 def test_tfidf_sample_weight_changes_the_fit(movie):

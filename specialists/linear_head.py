@@ -1,0 +1,67 @@
+"""The multinomial logistic-regression head of the linear specialists (TF-IDF, embeddings), by scikit-learn.
+
+Plain functions, arrays in, arrays out. The fit is scikit-learn's ``LogisticRegression`` (L-BFGS, L2 on
+the weights, the intercept unpenalised); what is kept is only its weights ``W`` (d, K) and bias ``b``
+(K,), so a checkpoint is two arrays and loading it runs no pickle.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from labelwright.specialists.base import softmax_rows
+
+MAX_ITER = 500
+
+
+def fit_linear_head(features, y: np.ndarray, n_classes: int, *, sample_weight: np.ndarray | None = None,
+                    l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """``W`` (d, K) and ``b`` (K,) minimising the weighted mean cross-entropy + l2/2 * |W|^2.
+
+    ``features`` is a dense array or a scipy sparse matrix (n, d); ``y`` holds label indices in
+    ``[0, n_classes)``. In scikit-learn's terms that is ``C = 1 / l2`` with the row weights normalised to
+    sum 1, and ``C = 2 / l2`` for two classes (scikit-learn then fits the one difference vector v of the two
+    columns, whose penalty at the multinomial optimum is l2/4 * |v|^2). Classes absent from ``y`` get a bias of -30 (probability ~1e-13), so every label keeps a
+    column. With fewer than two classes present there is nothing to separate: ``W`` is 0 and ``b`` the log
+    of the add-one smoothed class prior, with a warning.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y, dtype=np.int64)
+    w = np.ones(len(y), np.float64) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    d = features.shape[1]
+    counts = np.bincount(y, weights=w, minlength=n_classes)
+    present = np.flatnonzero(counts > 0)
+    if len(present) < 2:
+        warnings.warn(
+            f"only {len(present)} class present in the training set: the classifier predicts the smoothed class "
+            "prior for every text; label rows of other classes to make it useful",
+            RuntimeWarning, stacklevel=3,
+        )
+        prior = (counts + 1.0) / (counts.sum() + n_classes)
+        return np.zeros((d, n_classes), np.float32), np.log(prior).astype(np.float32)
+    c = (2.0 if len(present) == 2 else 1.0) / max(l2, 1e-12)
+    model = LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-6)
+    with warnings.catch_warnings():
+        # Stopping at MAX_ITER on a tiny L2 leaves the weights a little short of the optimum; the
+        # predictions are those of a strongly fitted model either way.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(features, y, sample_weight=w / w.sum())
+    W = np.zeros((d, n_classes), np.float32)
+    b = np.full(n_classes, -30.0, np.float32)
+    if len(model.classes_) == 2:  # scikit-learn keeps one weight vector for two classes: p1 = sigmoid(x.w + c)
+        W[:, model.classes_[1]] = model.coef_[0]
+        b[model.classes_] = [0.0, model.intercept_[0]]
+    else:
+        W[:, model.classes_] = model.coef_.T
+        b[model.classes_] = model.intercept_
+    return W, b
+
+
+def predict_linear_head(features, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """softmax(features @ W + b) as float32 (n, K); ``features`` dense or scipy sparse."""
+    logits = np.asarray(features @ W, dtype=np.float64) + b
+    return softmax_rows(logits).astype(np.float32)
