@@ -145,6 +145,8 @@ class LlamaCppScorer:
         return list(z - (np.log(np.exp(z - z.max()).sum()) + z.max()))
 
     def choose(self, messages, field, allowed):
+        import numpy as np
+
         from labelwright.specialists.llm_engine import answer_prefix
 
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -159,23 +161,21 @@ class LlamaCppScorer:
                 break
             shared += 1
         llm.n_tokens = min(shared, len(ids) - 1)
-        llm._logits_all = False
         llm.eval(ids[llm.n_tokens:])
-        import numpy as np
-
         first = self._logprobs(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)))
         prompt_len = llm.n_tokens
         totals = []
-        llm._logits_all = True
-        for cont in conts:
+        for cont in conts:  # each label's tokens after the prompt, its logits read straight from the context
             total = first[cont[0]]
             if len(cont) > 1:
-                llm.n_tokens = prompt_len
-                llm.eval(cont[:-1])
+                llm._ctx.kv_cache_seq_rm(-1, prompt_len, -1)
+                llm._batch.set_batch(batch=cont[:-1], n_past=prompt_len, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(cont) - 1, llm.n_vocab()))
                 for j in range(1, len(cont)):
-                    total += self._logprobs(llm.scores[prompt_len + j - 1])[cont[j]]
+                    total += self._logprobs(rows[j - 1])[cont[j]]
             totals.append(total)
-        llm.n_tokens = prompt_len
+        llm._ctx.kv_cache_seq_rm(-1, prompt_len, -1)
         best = max(range(len(allowed)), key=totals.__getitem__)
         return allowed[best], len(ids)
 
