@@ -157,13 +157,19 @@ def _from_frame(df: pd.DataFrame, emb: np.ndarray) -> SeedSet:
 
 
 def _gold_seed(spec) -> pd.DataFrame:
-    path = spec.seed.gold_file
+    return read_gold_file(spec.seed.gold_file, text_column=spec.seed.gold_text_column,
+                          label_column=spec.seed.gold_label_column, labels=spec.label_names, what="seed file")
+
+
+def read_gold_file(path: str, *, text_column: str, label_column: str, labels: list[str], what: str) -> pd.DataFrame:
+    """A labelled file as (id, text, label, source) rows; a missing column or a label outside the label set
+    is an error naming the file, the row and what to do. Empty texts are dropped."""
     df = read_frame(path)
-    for col in (spec.seed.gold_text_column, spec.seed.gold_label_column):
+    for col in (text_column, label_column):
         if col not in df.columns:
-            raise InputDataError(f"seed file {path} has no column {col!r}; its columns are {list(df.columns)}")
-    allowed = set(spec.label_names)
-    df = df[[spec.seed.gold_text_column, spec.seed.gold_label_column]].copy()
+            raise InputDataError(f"{what} {path} has no column {col!r}; its columns are {list(df.columns)}")
+    allowed = set(labels)
+    df = df[[text_column, label_column]].copy()
     df.columns = ["text", "label"]
     df["text"] = df["text"].astype(str)
     df["label"] = df["label"].astype(str).str.strip()
@@ -171,7 +177,7 @@ def _gold_seed(spec) -> pd.DataFrame:
     if len(bad):
         i = int(bad[0])
         raise InputDataError(
-            f"seed file {path}: row {i} has label {df.at[i, 'label']!r}, not in the label set {sorted(allowed)} "
+            f"{what} {path}: row {i} has label {df.at[i, 'label']!r}, not in the label set {sorted(allowed)} "
             f"({len(bad)} such rows); fix the file or the labels"
         )
     df = df[df["text"].str.strip() != ""].reset_index(drop=True)

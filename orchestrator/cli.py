@@ -31,7 +31,14 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--llm", help="embedded LLM model: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct or a path")
     p.add_argument("--llm-backend", choices=["auto", "bfloat16", "float32"],
                    help="how the embedded LLM runs: auto (default) is bfloat16 where the CPU multiplies it natively")
-    p.add_argument("--voting-rule", help="unanimity, majority or confidence_weighted")
+    p.add_argument("--voting-rule", help="unanimity, majority, confidence_weighted or stacked")
+    p.add_argument("--route", choices=["measured", "threshold"],
+                   help="measured (default): settle rows only where reference rows show the specialists lose at "
+                        "most --max-loss against the controller; threshold: the rule's threshold alone")
+    p.add_argument("--max-loss", type=float, help="accuracy the settled rows may lose against the controller (0.02)")
+    p.add_argument("--reference-rows", type=int, help="rows the controller answers up front to route by (150)")
+    p.add_argument("--gold-file", help="labelled rows (columns text,label; need not be in the input) to use as the "
+                                       "reference rows instead of gold rows of the input or an audit")
     p.add_argument("--threshold", type=float, help="minimum mean probability for a consensus label")
     p.add_argument("--target-accuracy", type=float,
                    help="calibrate the threshold at every stage on held-out rows to reach this consensus accuracy")
@@ -120,7 +127,9 @@ def _overrides(a: argparse.Namespace) -> dict:
         "instruction": a.instruction,
         "controller": {"base_url": a.base_url, "model": a.model},
         "embedded_llm": {"model": a.llm, "backend": a.llm_backend},
-        "voting": {"rule": a.voting_rule, "threshold": a.threshold, "target_accuracy": a.target_accuracy},
+        "voting": {"rule": a.voting_rule, "threshold": a.threshold, "target_accuracy": a.target_accuracy,
+                   "route": a.route, "max_loss": a.max_loss, "reference_rows": a.reference_rows,
+                   "gold_file": a.gold_file},
         "seed": {"size": a.seed_size, "gold_file": a.seed_file},
         "budget": {"max_llm_calls": a.max_llm_calls, "max_llm_tokens": a.max_llm_tokens},
         "runtime": {"address": a.address},

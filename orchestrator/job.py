@@ -68,7 +68,7 @@ EMBEDDED_TIMEOUT_S = 600.0
 
 OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
 OUTPUT_BACK = ["stage", "recheck_label", "controller_answer", "controller_confidence", "prompt_tokens",
-               "completion_tokens", "llm_calls", "cached", "seed", "note"]
+               "completion_tokens", "llm_calls", "cached", "seed", "reference", "note"]
 
 
 def _order_columns(df: pd.DataFrame, specialists: list[str], passthrough: list[str]) -> pd.DataFrame:
@@ -167,6 +167,12 @@ def annotate(
     )
     timings["stage_input"] = time.monotonic() - t
     log(f"input: {staged.n_rows} rows in {len(staged.shards)} shard(s)")
+    if spec.voting.gold_file:  # read now: a bad file is an error before any model is trained or paid for
+        from labelwright.orchestrator.bootstrap import read_gold_file
+
+        v = spec.voting
+        read_gold_file(v.gold_file, text_column=v.gold_text_column, label_column=v.gold_label_column,
+                       labels=spec.label_names, what="gold file")
 
     info = runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
     DataContext.get_current().enable_progress_bars = False  # the job prints its own progress
@@ -212,22 +218,25 @@ def annotate(
     def swap(changed: dict[str, str]) -> None:
         deploy_specialists([by_name[n] for n in changed], changed, app_prefix=app_prefix, gpu=gpu)
 
+    t = time.monotonic()
+    reference = _reference(spec, staged, seed, checkpoints, controller_cfg, run_dir=run_dir, log=log)
+    timings["reference"] = time.monotonic() - t
     gate = None
-    if (spec.stages.enabled and spec.stages.wait) or spec.voting.target_accuracy is not None:
+    if (spec.stages.enabled and spec.stages.wait) or _fits_threshold(spec, reference):
         import ray
 
         from labelwright.orchestrator.learning import StageGate
 
         gate = ray.remote(num_cpus=0)(StageGate).remote()
-    learning = _staged_learning(spec, staged, seed, checkpoints, run_dir=run_dir, train_s=timings["train"],
-                                gpu=gpu, swap=swap, gate=gate, log=log)
+    learning = _staged_learning(spec, staged, seed, checkpoints, reference, run_dir=run_dir,
+                                train_s=timings["train"], gpu=gpu, swap=swap, gate=gate, log=log)
     t = time.monotonic()
     endpoints = deploy_specialists(spec.specialists, learning.deployed, app_prefix=app_prefix, gpu=gpu)
     timings["deploy"] = time.monotonic() - t
     log(f"specialists deployed on Serve (stage {learning.stage}): {', '.join(endpoints)}")
     try:
         return _label_and_report(
-            spec, staged, endpoints, seed, controller_cfg, learning,
+            spec, staged, endpoints, seed, controller_cfg, learning, reference,
             run_dir=run_dir, output=output, output_format=output_format, report_path=report_path,
             timings=timings, t0=t0, log=log, plan=planned.record() if planned is not None else None,
         )
@@ -319,23 +328,48 @@ def _sample_texts(staged: StagedInput, n: int) -> list[str]:
     return out
 
 
-def _staged_learning(spec, staged, seed, checkpoints, *, run_dir, train_s, gpu, swap, gate, log):
-    from labelwright.orchestrator.learning import StagedLearning, gold_check_set
+def _controller_settings(spec, controller_cfg, seed, **extra) -> ControllerSettings:
+    """How the controller is asked about a row: the task's prompt, the seed rows as demonstrations."""
+    return ControllerSettings(
+        controller=controller_cfg.model_dump(), labels=spec.label_names, descriptions=spec.descriptions,
+        instruction=spec.instruction, demo_texts=seed.texts, demo_labels=seed.labels,
+        demo_embeddings=seed.embeddings, **extra)
+
+
+def _reference(spec, staged, seed, checkpoints, controller_cfg, *, run_dir, log):
+    """The gold check rows (with a gold column) and the reference rows the controller answers up front."""
+    from labelwright.orchestrator.learning import gold_check_set
+    from labelwright.orchestrator.reference import build_reference
     from labelwright.training.stage import CheckSet
 
-    cfg = spec.stages
-    if spec.gold_column and cfg.check_rows > 0:
-        check, exclude = gold_check_set(staged, size=cfg.check_rows, exclude_ids=set(map(str, seed.answers)),
-                                        exclude_texts=set(seed.texts))
+    exclude_ids, exclude_texts = set(map(str, seed.answers)), set(seed.texts)
+    check, ids = CheckSet([], [], "gold", rows=[]), []
+    if spec.gold_column and spec.stages.check_rows > 0:
+        check, ids = gold_check_set(staged, size=spec.stages.check_rows, exclude_ids=exclude_ids,
+                                    exclude_texts=exclude_texts)
         log(f"stages: {len(check)} gold rows held out to check each stage (never trained on)")
-    else:
-        check, exclude = CheckSet([], [], "controller"), set()
+    return build_reference(staged, spec=spec, gold_check=check, gold_ids=ids, controller=controller_cfg.model_dump(),
+                           settings=_controller_settings(spec, controller_cfg, seed), checkpoints=checkpoints,
+                           exclude_ids=exclude_ids, exclude_texts=exclude_texts, run_dir=run_dir, log=log)
+
+
+def _fits_threshold(spec, reference) -> bool:
+    """Whether the voters' threshold comes from the stages' fits (published through the StageGate)."""
+    return spec.voting.target_accuracy is not None or (spec.voting.route == "measured" and reference.measured)
+
+
+def _staged_learning(spec, staged, seed, checkpoints, reference, *, run_dir, train_s, gpu, swap, gate, log):
+    from labelwright.orchestrator.learning import StagedLearning
+    from labelwright.training.stage import CheckSet
+
+    # No gold and no audit: each stage is checked on controller rows held out of the buffer instead.
+    check = reference.check if reference.source != "none" or spec.gold_column else CheckSet([], [], "controller")
     return StagedLearning(spec, run_dir=run_dir, seed_texts=seed.texts, seed_labels=seed.labels, stage0=checkpoints,
-                          stage0_train_s=train_s, check=check, exclude_rows=exclude, total_rows=staged.n_rows,
-                          gpu=gpu, swap=swap, gate=gate, log=log)
+                          stage0_train_s=train_s, check=check, exclude_rows=reference.exclude_rows,
+                          total_rows=staged.n_rows, gpu=gpu, swap=swap, gate=gate, log=log)
 
 
-def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *, run_dir, output,
+def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, reference, *, run_dir, output,
                       output_format, report_path, timings, t0, log, plan=None) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
@@ -344,13 +378,13 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
     parts_dir.mkdir(exist_ok=True)
     done_shards = {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
     todo = [s for s in staged.shards if s.index not in done_shards]
-    used_calls, used_tokens = _usage_so_far(parts_dir, done_shards, seed)
+    used_calls, used_tokens = _usage_so_far(parts_dir, done_shards, [seed.answers, reference.answers, reference.outside])
     names = [s.name for s in spec.specialists]
 
     t = time.monotonic()
     vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
                         threshold=spec.voting.threshold, weights=spec.voting.weights,
-                        calibrated=spec.voting.target_accuracy is not None,
+                        calibrated=_fits_threshold(spec, reference),
                         max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
     done_rows = sum(s.n_rows for s in staged.shards if s.index in done_shards)
     learning.rows_seen = learning.rows_at_last_stage = done_rows
@@ -358,10 +392,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
         if done_shards:
             log(f"resuming: {len(done_shards)} shard(s) already labelled, {len(todo)} to go")
         n_ctrl = spec.runtime.controller_actors
-        ctrl = ControllerSettings(
-            controller=controller_cfg.model_dump(), labels=spec.label_names, descriptions=spec.descriptions,
-            instruction=spec.instruction, demo_texts=seed.texts, demo_labels=seed.labels,
-            demo_embeddings=seed.embeddings, seed_answers=seed.answers,
+        ctrl = _controller_settings(
+            spec, controller_cfg, seed, seed_answers=seed.answers, reference_answers=reference.answers,
             max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
             max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
         )
@@ -406,6 +438,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, *
         extra={"controller": {"model": controller_cfg.model, "base_url": controller_cfg.base_url},
                "seed": {"rows": len(seed), "source": seed.source, "from_input": not spec.seed.pool_file,
                         **seed.usage()},
+               "reference": reference.usage(),
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
                "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan},
@@ -427,17 +460,19 @@ def _share(limit: int | None, used: int, n: int) -> int | None:
     return None if limit is None else max(0, limit - used) // n
 
 
-def _usage_so_far(parts_dir: Path, done: set[int], seed) -> tuple[int, int]:
+def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -> tuple[int, int]:
+    """LLM calls and tokens spent so far: the finished shards' rows, and the answers asked before labelling
+    (the seed's, the reference rows'), each counted once."""
     calls = tokens = 0
     for idx in done:
-        p = pd.read_parquet(parts_dir / f"part-{idx:05d}.parquet",
-                            columns=["llm_calls", "prompt_tokens", "completion_tokens", "seed"])
-        p = p[~p["seed"]]
+        p = pd.read_parquet(parts_dir / f"part-{idx:05d}.parquet")
+        p = p[~p["seed"].astype(bool) & ~p.get("reference", pd.Series(False, index=p.index)).astype(bool)]
         calls += int(p["llm_calls"].sum())
         tokens += int((p["prompt_tokens"] + p["completion_tokens"]).sum())
-    for a in seed.answers.values():
-        calls += int(a.get("calls") or 0)
-        tokens += int(a.get("prompt_tokens") or 0) + int(a.get("completion_tokens") or 0)
+    for answers in asked_up_front:
+        for a in answers.values():
+            calls += int(a.get("calls") or 0)
+            tokens += int(a.get("prompt_tokens") or 0) + int(a.get("completion_tokens") or 0)
     return calls, tokens
 
 

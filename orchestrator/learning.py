@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from labelwright.orchestrator.report import accuracy
+from labelwright.orchestrator.report import accuracy, routing_text
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.voting import check_judge
 from labelwright.specialists.base import read_manifest
@@ -103,9 +103,15 @@ class StagedLearning:
             self._publish_threshold(rec)
         checked = [r["check"] for r in self.records if r.get("check")]  # a failed stage has no check
         fit = checked[-1].get("gate") if checked else None
-        if fit is not None:
+        if fit is not None and fit.get("kind") == "route":
+            log(f"voting: stage {self.stage} routes by measured correctness: threshold {_gate_text(fit)}")
+        elif fit is not None:
             log(f"voting: stage {self.stage} threshold calibrated on {fit['rows']} held-out {check.source} rows: "
                 f"{_gate_text(fit)}")
+        elif spec.voting.route == "measured" and check.controller is not None:
+            log(f"voting: the controller answered fewer than stages.min_check_rows={self.cfg.min_check_rows} "
+                "reference rows, too few to measure where the specialists may settle rows; voting uses the rule's "
+                "own threshold (raise voting.reference_rows)")
         elif spec.voting.target_accuracy is not None:
             where = ("controller rows held out of training arrive with the stages" if self.cfg.enabled
                      else "give a gold column or enable stages to have some")
@@ -123,7 +129,7 @@ class StagedLearning:
         return self._future is not None
 
     def _check_set(self) -> CheckSet:
-        if self.check.source == "gold":
+        if self.check.source != "controller":  # gold rows or the audit sample: fixed for the whole run
             return self.check
         held = self.buffer.frame()
         held = held[held["holdout"].astype(bool)]
@@ -253,7 +259,7 @@ class StagedLearning:
             return
         import ray
 
-        ray.get(self.gate.set_threshold.remote(record["versions"], fit["threshold"]))
+        ray.get(self.gate.set_threshold.remote(record["versions"], fit["threshold"], fit.get("stack")))
 
     # ---- reporting -----------------------------------------------------------------------------
     def row_stages(self, df: pd.DataFrame, names: list[str]) -> pd.Series:
@@ -320,23 +326,28 @@ class StageGate:
     async def wait(self) -> None:
         await self._open.wait()
 
-    async def set_threshold(self, versions: dict[str, str], threshold: float | None) -> None:
-        self._thresholds = [(v, t) for v, t in self._thresholds if v != versions] + [(dict(versions), threshold)]
+    async def set_threshold(self, versions: dict[str, str], threshold: float | None, stack: dict | None = None) -> None:
+        self._thresholds = ([(v, t, st) for v, t, st in self._thresholds if v != versions]
+                            + [(dict(versions), threshold, stack)])
 
-    async def threshold_for(self, versions: dict[str, str]) -> tuple[bool, float | None]:
-        """(known, threshold) for a batch voted by these versions. A batch voted while a swap rolls out
-        mixes two stages' versions: it gets the stricter of their thresholds (None, settle nothing,
-        is the strictest). (False, None) when no stage published one: use the configured threshold."""
-        for v, t in self._thresholds:
+    async def threshold_for(self, versions: dict[str, str]) -> tuple[bool, float | None, dict | None]:
+        """(known, threshold, stack) for a batch voted by these versions; ``stack``: the stacked rule's
+        fitted weights (None for other rules). A batch voted while a swap rolls out mixes two stages'
+        versions: it gets the stricter of their thresholds (None, settle nothing, is the strictest) and the
+        newer stage's weights. (False, None, None) when no stage published one: use the configured threshold."""
+        for v, t, st in self._thresholds:
             if v == versions:
-                return True, t
-        related = [t for v, t in self._thresholds if any(v.get(n) == ver for n, ver in versions.items())]
+                return True, t, st
+        related = [(t, st) for v, t, st in self._thresholds if any(v.get(n) == ver for n, ver in versions.items())]
         if not related:
-            return False, None
-        return True, None if any(t is None for t in related) else max(related)
+            return False, None, None
+        strict = None if any(t is None for t, _ in related) else max(t for t, _ in related)
+        return True, strict, related[-1][1]
 
 
 def _gate_text(fit: dict) -> str:
+    if fit.get("kind") == "route":
+        return routing_text(fit)
     if fit["threshold"] is None:
         return f"none reaches {fit['target_accuracy']:.0%} accuracy: every row goes to the controller"
     return (f"{fit['threshold']:.3f} (settles {fit['settled_share']:.0%} of them at {fit['accuracy']:.0%} "
@@ -349,9 +360,9 @@ def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: s
     ``size`` rows, but at most ``max_share`` of the usable gold rows, so that a small input still
     leaves most of its controller rows to train on.
 
-    Returns (CheckSet, set of their row numbers)."""
+    Returns (CheckSet with their row numbers, their ids)."""
     if size <= 0:
-        return CheckSet([], [], "gold"), set()
+        return CheckSet([], [], "gold", rows=[]), []
     frames = []
     for shard in staged.shards:
         d = pd.read_parquet(shard.path, columns=["row", "id", "text", "gold", "skip_reason"])
@@ -360,4 +371,6 @@ def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: s
     df = df[~df["id"].astype(str).isin(exclude_ids) & ~df["text"].isin(exclude_texts)]
     size = min(size, int(len(df) * max_share))
     df = df.iloc[np.sort(np.random.default_rng(seed).permutation(len(df))[:size])]
-    return CheckSet(df["text"].tolist(), df["gold"].astype(str).tolist(), "gold"), set(df["row"].astype(int))
+    check = CheckSet(df["text"].tolist(), df["gold"].astype(str).tolist(), "gold", rows=df["row"].astype(int).tolist())
+    return check, df["id"].astype(str).tolist()
+

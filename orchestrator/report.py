@@ -137,6 +137,15 @@ def summary(report: dict) -> str:
         lines.append(f"seed: {seed['rows']} rows labelled ({seed['source']}) from a separate pool, "
                      f"{seed['llm_calls']} LLM calls and {seed['prompt_tokens'] + seed['completion_tokens']} tokens "
                      "not counted above")
+    ref = report.get("reference")
+    if ref and ref.get("asked"):
+        where = "in the LLM share above" if ref.get("in_input", True) else "not counted above: not input rows"
+        lines.append(f"reference: {ref['asked']} {ref['source']} rows asked of the controller up front to measure "
+                     f"routing on ({ref['llm_calls']} LLM calls, {where})")
+    stages = (report.get("stages") or {}).get("stages") or []
+    fits = [(r["stage"], r["check"]["gate"]) for r in stages if (r.get("check") or {}).get("gate")]
+    if fits and fits[-1][1].get("kind") == "route":
+        lines.append(f"routing (stage {fits[-1][0]}): threshold {routing_text(fits[-1][1])}")
     g = report.get("gold")
     if g:
         lines.append(f"gold ({g['rows']} rows): accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}")
@@ -207,3 +216,23 @@ def plot_stages(stages: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def routing_text(fit: dict) -> str:
+    """A fitted routing in words: what it settles, what that rests on, or why it settles nothing."""
+    rows, level = fit["rows"], f"{fit['confidence_level']:.0%}"
+    if fit["target_accuracy"] is not None:
+        bar = f"a {level} lower bound of the specialists' accuracy reaching {fit['target_accuracy']:.0%}"
+    elif fit["reference"] == "gold":
+        bar = f"the specialists losing at most {fit['max_loss']:.0%} accuracy against the controller ({level} bound)"
+    else:
+        bar = (f"the specialists disagreeing with the controller on at most {fit['max_loss']:.0%} of rows "
+               f"({level} bound)")
+    if fit["threshold"] is None:
+        return (f"on {rows} {fit['reference']} reference rows no confidence level is shown to meet {bar}: every row "
+                "goes to the controller (more reference rows, voting.reference_rows, or better specialists "
+                "would let them settle some)")
+    ctrl = "" if fit["controller_accuracy"] is None else f", the controller {fit['controller_accuracy']:.0%}"
+    return (f"{fit['threshold']:.3f}, from {rows} {fit['reference']} reference rows: it settles "
+            f"{fit['settled_share']:.0%} of them, where the specialists are right {fit['accuracy']:.0%}{ctrl} "
+            f"({bar})")

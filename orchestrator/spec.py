@@ -40,8 +40,20 @@ class VotingConfig(_Strict):
     rule: str = "unanimity"
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # None = the rule's own default
     weights: dict[str, float] | None = None  # per specialist name; default equal
-    # Calibrate the threshold on held-out rows (gold, or controller rows kept out of training) at every
-    # stage: the lowest one at which the rule's consensus rows reach this accuracy. None: use `threshold`.
+    # measured: fit the threshold at every stage on reference rows, the rows the controller is asked about
+    # up front (random gold rows, else a random audit sample): the lowest one whose settled rows are shown
+    # to lose at most `max_loss` accuracy against the controller on those same rows. threshold: the rule's
+    # `threshold`, or the point calibration to `target_accuracy` (no bound).
+    route: Literal["measured", "threshold"] = "measured"
+    reference_rows: int = Field(default=150, ge=0)  # rows the controller answers up front; 0: no reference rows
+    gold_file: str | None = None  # labelled reference rows (text, label columns), in place of the input's own
+    gold_text_column: str = "text"
+    gold_label_column: str = "label"
+    max_loss: float = Field(default=0.02, ge=0.0, le=1.0)
+    confidence_level: float = Field(default=0.95, gt=0.5, lt=1.0)  # of the one-sided bounds
+    bound: Literal["wilson", "clopper_pearson"] = "wilson"
+    # With route measured: the settled rows' lower bound must reach this accuracy instead (against gold, or
+    # against the controller's audit answers). With route threshold: the point calibration's target.
     target_accuracy: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @field_validator("rule")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from labelwright.orchestrator.seed import nearest
-from labelwright.orchestrator.voting import gated, get_rule, mean_probs, top_candidates
+from labelwright.orchestrator.voting import Stack, gated, get_rule, mean_probs, top_candidates
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class VoteSettings:
     rule: str = "unanimity"
     threshold: float | None = None
     weights: dict[str, float] | None = None
-    calibrated: bool = False  # voting.target_accuracy: thresholds per specialist versions come from the StageGate
+    calibrated: bool = False  # thresholds (and a stacked rule's weights) per specialist versions come from the StageGate
     max_chars: int = 20000
     candidates_k: int = 12
 
@@ -84,9 +84,10 @@ class VoteStage:
         if self.gate is not None:
             import ray
 
-            known, threshold = ray.get(self.gate.threshold_for.remote(versions))
+            known, threshold, stack = ray.get(self.gate.threshold_for.remote(versions))
             if known:
-                return gated(self.rule(probs, weights=self.weights, threshold=0.0), threshold)
+                extra = {} if stack is None else {"stack": Stack.from_dict(stack)}
+                return gated(self.rule(probs, weights=self.weights, threshold=0.0, **extra), threshold)
         return self.rule(probs, weights=self.weights, **self.rule_kwargs)
 
 
@@ -101,13 +102,14 @@ class ControllerSettings:
     demo_embeddings: np.ndarray | None
     encoder_model: str = "minilm"
     seed_answers: dict = field(default_factory=dict)  # row id -> answer dict for rows labelled while seeding
+    reference_answers: dict = field(default_factory=dict)  # row id -> answer dict for the reference rows
     max_calls: int | None = None  # remaining budget for this actor
     max_tokens: int | None = None
     endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
 
 RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_answer", "controller_confidence",
-                  "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed"]
+                  "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed", "reference"]
 
 
 class ControllerStage:
@@ -140,7 +142,7 @@ class ControllerStage:
         n = len(batch)
         res = {c: [None] * n for c in RESULT_COLUMNS}
         res.update(prompt_tokens=[0] * n, completion_tokens=[0] * n, llm_calls=[0] * n,
-                   cached=[False] * n, seed=[False] * n)
+                   cached=[False] * n, seed=[False] * n, reference=[False] * n)
         ask: list[int] = []
         for i in range(n):
             row_id = batch.at[i, "id"]
@@ -148,6 +150,9 @@ class ControllerStage:
                 a = self.s.seed_answers[row_id]
                 self._fill(res, i, a)
                 res["seed"][i] = True
+            elif str(row_id) in self.s.reference_answers:  # asked up front to measure routing on
+                self._fill(res, i, self.s.reference_answers[str(row_id)])
+                res["reference"][i] = True
             elif isinstance(batch.at[i, "skip_reason"], str):
                 res["decided_by"][i] = "unresolved"
                 res["reason"][i] = batch.at[i, "skip_reason"]
@@ -175,7 +180,7 @@ class ControllerStage:
                     res["reason"][i] = stop
                 continue
             texts = [batch.at[i, "text"] for i in part]
-            demos = self._demonstrations(texts)
+            demos = self.demonstrations(texts)
             many = len(self.s.labels) > self.config.max_choices
             choices = [list(batch.at[i, "candidates"]) for i in part] if many else None
             answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
@@ -200,7 +205,7 @@ class ControllerStage:
                 "shards are saved: fix the endpoint and run the same command again to resume"
             )
 
-    def _demonstrations(self, texts: list[str]) -> list[list[tuple[str, str]]] | None:
+    def demonstrations(self, texts: list[str]) -> list[list[tuple[str, str]]] | None:
         if self.encoder is None:
             return None
         q = self.encoder.encode(texts)

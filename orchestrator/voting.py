@@ -5,10 +5,18 @@ and every rule returns a :class:`Votes` with one entry per row. A rule is chosen
 task spec through :data:`RULES`; a row a rule cannot settle is hard (``label == -1``) and goes to
 the controller.
 
-A rule's threshold can also be *calibrated* (:func:`calibrate`, ``voting.target_accuracy``): on
-held-out labelled rows, the lowest threshold at which the rows the rule settles reach a target
-accuracy. As the specialists improve stage after stage, the same target admits more rows, so the
-share sent to the controller can fall; a fixed agreement rule cannot see that they got better.
+A rule's threshold can also be *fitted* on reference rows, the rows the controller was asked about
+up front (random gold rows, or a random audit sample), so that it follows the specialists as they
+improve stage after stage:
+
+- :func:`fit_route` (``voting.route: measured``, the default): the lowest threshold at which the
+  rows the rule settles are shown, at ``voting.confidence_level``, to lose at most
+  ``voting.max_loss`` accuracy against the controller on those same rows (or to reach
+  ``voting.target_accuracy`` when one is set). The controller's own accuracy differs from one kind of
+  row to another (the rows the specialists are sure of are the controller's easy rows too), so the
+  comparison is paired, row by row, not against its average.
+- :func:`calibrate` (``voting.route: threshold`` with ``voting.target_accuracy``): the lowest threshold
+  at which the settled rows' point accuracy reaches the target, no bound.
 """
 
 from __future__ import annotations
@@ -95,6 +103,93 @@ def confidence_weighted(
     return Votes(label=np.where(support >= threshold, leading, -1), confidence=support, leading=leading)
 
 
+@dataclass(frozen=True)
+class Stack:
+    """A learned aggregate (``voting.rule: stacked``): label ``l`` scores ``sum_s a[s] * log p_s(l) + b[l]``,
+    turned into probabilities by a softmax: a conditional logit over the specialists' log-probabilities,
+    one weight per specialist and one bias per label, so it fits on a few hundred rows however many
+    labels there are. ``a`` equal and ``b`` zero is the normalised product of the specialists' distributions."""
+
+    a: np.ndarray  # (n_specialists,)
+    b: np.ndarray  # (n_labels,)
+
+    def as_dict(self) -> dict:
+        return {"a": [float(x) for x in self.a], "b": [float(x) for x in self.b]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Stack":
+        return cls(np.asarray(d["a"], dtype=np.float64), np.asarray(d["b"], dtype=np.float64))
+
+
+_LOG_FLOOR = 1e-6  # probabilities are clipped here before the log: one specialist's 0 cannot veto a label
+
+
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probs, _LOG_FLOOR, 1.0))
+
+
+def stack_probs(probs: np.ndarray, stack: Stack) -> np.ndarray:
+    """The stacked distribution, shape (n_rows, n_labels)."""
+    z = np.einsum("s,snl->nl", stack.a, _log_probs(np.asarray(probs, dtype=np.float64))) + stack.b
+    z -= z.max(axis=1, keepdims=True)
+    q = np.exp(z)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def fit_stack(probs: np.ndarray, y: np.ndarray, *, l2: float = 1.0) -> Stack:
+    """The :class:`Stack` that maximises the likelihood of labels ``y`` (indices) on these rows, with an L2
+    penalty ``l2`` on the label biases (a label seldom seen keeps a bias near 0 instead of -inf) and a
+    small one on the weights. L-BFGS on the exact gradient (scipy)."""
+    from scipy.optimize import minimize
+
+    probs = np.asarray(probs, dtype=np.float64)
+    n_s, n, n_l = probs.shape
+    x = _log_probs(probs)
+    onehot = np.eye(n_l)[np.asarray(y, dtype=int)]
+
+    def loss(theta):
+        a, b = theta[:n_s], theta[n_s:]
+        z = np.einsum("s,snl->nl", a, x) + b
+        z -= z.max(axis=1, keepdims=True)
+        log_q = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        q = np.exp(log_q)
+        diff = (q - onehot) / n
+        value = -(onehot * log_q).sum() / n + (l2 * (b @ b) + 1e-3 * (a @ a)) / n
+        grad_a = np.einsum("nl,snl->s", diff, x) + 2e-3 * a / n
+        grad_b = diff.sum(axis=0) + 2 * l2 * b / n
+        return value, np.concatenate([grad_a, grad_b])
+
+    start = np.concatenate([np.full(n_s, 1.0 / n_s), np.zeros(n_l)])
+    theta = minimize(loss, start, jac=True, method="L-BFGS-B").x
+    return Stack(theta[:n_s], theta[n_s:])
+
+
+def stacked(probs: np.ndarray, *, weights: np.ndarray | None = None, threshold: float = 0.0,
+            stack: Stack | None = None) -> Votes:
+    """Consensus when the stacked distribution's leading label reaches ``threshold``. Without a fitted
+    ``stack`` (no reference rows yet): the product of the specialists' distributions, weighted."""
+    probs, w = _check(probs, weights)
+    if stack is None:
+        stack = Stack(w, np.zeros(probs.shape[2]))
+    q = stack_probs(probs, stack)
+    leading = q.argmax(axis=1)
+    support = q[np.arange(q.shape[0]), leading]
+    return Votes(label=np.where(support >= threshold, leading, -1), confidence=support, leading=leading)
+
+
+def cross_fitted(probs: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, Stack]:
+    """Out-of-fold stacked probabilities of the rows (each row scored by a stack fitted without it, so
+    a routing fitted on them is not flattered), and the stack fitted on all of them."""
+    n = probs.shape[1]
+    out = np.zeros(probs.shape[1:])
+    order = np.random.default_rng(seed).permutation(n)
+    for k in range(min(folds, n)):
+        held = order[k::folds]
+        train = np.setdiff1d(order, held)
+        out[held] = stack_probs(probs[:, held], fit_stack(probs[:, train], y[train]))
+    return out, fit_stack(probs, y)
+
+
 def gated(votes: Votes, threshold: float | None) -> Votes:
     """The rule's votes (taken at threshold 0) with a calibrated threshold applied: rows whose
     support is below it become hard; ``None`` (no threshold reached the target) makes every row hard."""
@@ -114,7 +209,7 @@ class Calibration:
     accuracy: float | None  # accuracy of the settled ones
 
     def as_dict(self) -> dict:
-        return {"threshold": self.threshold, "target_accuracy": self.target, "rows": self.rows,
+        return {"kind": "calibrate", "threshold": self.threshold, "target_accuracy": self.target, "rows": self.rows,
                 "settled_share": self.settled_share, "accuracy": self.accuracy}
 
 
@@ -147,10 +242,123 @@ def calibrate(votes: Votes, correct: np.ndarray, *, target: float, min_settled: 
     return Calibration(float(conf[best - 1]), target, n, best / n if n else 0.0, float(hits[best - 1] / best))
 
 
+def proportion_bound(hits, n, *, level: float = 0.95, side: str = "lower", method: str = "wilson") -> np.ndarray:
+    """One-sided ``level`` confidence bound of a binomial proportion ``hits / n`` (arrays broadcast):
+    Wilson's score bound or the exact Clopper-Pearson one. ``n == 0`` gives the trivial bound (0 or 1)."""
+    from scipy import stats
+
+    hits, n = np.broadcast_arrays(np.asarray(hits, dtype=np.float64), np.asarray(n, dtype=np.float64))
+    lower = side == "lower"
+    out = np.full(hits.shape, 0.0 if lower else 1.0)
+    ok = n > 0
+    h, m = hits[ok], n[ok]
+    if method == "wilson":
+        z = stats.norm.ppf(level)
+        p = h / m
+        centre = (p + z * z / (2 * m)) / (1 + z * z / m)
+        half = z / (1 + z * z / m) * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m))
+        out[ok] = np.clip(centre - half if lower else centre + half, 0.0, 1.0)
+    elif method == "clopper_pearson":
+        with np.errstate(invalid="ignore"):
+            if lower:
+                out[ok] = np.where(h > 0, stats.beta.ppf(1 - level, h, m - h + 1), 0.0)
+            else:
+                out[ok] = np.where(h < m, stats.beta.ppf(level, h + 1, m - h), 1.0)
+    else:
+        raise ConfigError(f"voting.bound {method!r} is unknown; choose wilson or clopper_pearson")
+    return out
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where the specialists may settle rows, fitted on reference rows (:func:`fit_route`)."""
+
+    threshold: float | None  # None: no threshold is shown good enough; every row goes to the controller
+    reference: str  # what the rows' labels are: "gold" (human labels) or "audit" (the controller's answers)
+    rows: int  # reference rows it rests on
+    level: float
+    max_loss: float | None  # the accuracy the settled rows may lose against the controller (None: a target)
+    target: float | None  # voting.target_accuracy, when set: the settled rows' lower bound must reach it
+    settled_share: float  # of the reference rows, the share the threshold settles
+    accuracy: float | None  # the specialists' accuracy on the settled ones (against the reference labels)
+    controller_accuracy: float | None  # the controller's on the same rows (gold only)
+    controller_accuracy_all: float | None  # the controller's on every reference row (gold only)
+    bound: float | None  # at the threshold: the lower bound of the difference, or of the accuracy with a target
+    curve: list[dict]  # the same figures at thresholds spread over the reference rows, most confident first
+
+    def as_dict(self) -> dict:
+        return {"kind": "route", "threshold": self.threshold, "reference": self.reference, "rows": self.rows,
+                "confidence_level": self.level, "max_loss": self.max_loss, "target_accuracy": self.target,
+                "settled_share": self.settled_share, "accuracy": self.accuracy,
+                "controller_accuracy": self.controller_accuracy,
+                "controller_accuracy_all": self.controller_accuracy_all, "bound": self.bound, "curve": self.curve}
+
+
+def fit_route(votes: Votes, right: np.ndarray, controller_right: np.ndarray | None = None, *,
+              level: float = 0.95, max_loss: float = 0.02, target: float | None = None, method: str = "wilson",
+              min_settled: int = 5, curve_points: int = 10) -> Routing:
+    """The lowest threshold on ``votes.confidence`` whose settled rows are shown good enough.
+
+    ``votes`` is the rule at threshold 0 on the reference rows; ``right[i]``: the specialists' leading
+    label is row i's reference label. With gold, ``controller_right[i]``: the controller's answer is
+    the gold label. Admitting the k most confident rows is accepted when, at ``level``:
+
+    - with ``target``: the lower bound of the specialists' accuracy on them reaches it;
+    - with gold: a lower bound of (specialists' accuracy - controller's accuracy) on those same rows
+      reaches ``-max_loss``. Only rows where the two disagree tell them apart: the specialists *win* a
+      row where only they are right and *lose* one where only the controller is; the bound is the
+      lower bound of the share won minus the upper bound of the share lost;
+    - without gold (``controller_right`` None, the reference labels are the controller's): every
+      disagreement may be the specialists' mistake (nothing is known to be won), so the bound is minus
+      the upper bound of the disagreement rate.
+
+    The largest such k (at least ``min_settled``, ties in confidence admitted together) wins."""
+    right = np.asarray(right, dtype=bool)
+    n = len(right)
+    base = ~votes.hard
+    conf = votes.confidence[base]
+    order = np.argsort(-conf, kind="stable")
+    conf, r = conf[order], right[base][order]
+    c = None if controller_right is None else np.asarray(controller_right, dtype=bool)[base][order]
+    k = np.arange(1, len(conf) + 1)
+    hits = np.cumsum(r)
+    if target is not None:
+        bound = proportion_bound(hits, k, level=level, method=method)
+        ok = bound >= target
+    else:
+        won = np.zeros(len(k)) if c is None else np.cumsum(r & ~c)
+        lost = k - hits if c is None else np.cumsum(~r & c)
+        bound = (proportion_bound(won, k, level=level, method=method)
+                 - proportion_bound(lost, k, level=level, side="upper", method=method))
+        ok = bound >= -max_loss - 1e-12
+    edge = np.ones(len(conf), dtype=bool)  # k is a threshold only where the next row is less confident
+    edge[:-1] = conf[1:] != conf[:-1]
+    ok &= edge & (k >= min_settled)
+    ctrl_hits = None if c is None else np.cumsum(c)
+    ctrl_all = None if controller_right is None else float(np.mean(controller_right)) if n else None
+
+    def point(j: int) -> dict:  # the figures when the j+1 most confident rows are settled
+        return {"threshold": round(float(conf[j]), 4), "settled_share": round((j + 1) / n, 4),
+                "accuracy": round(float(hits[j] / (j + 1)), 4), "bound": round(float(bound[j]), 4),
+                "controller_accuracy": None if ctrl_hits is None else round(float(ctrl_hits[j] / (j + 1)), 4)}
+
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(conf) - 1, min(curve_points, len(conf)))})
+    curve = [point(j) for j in picks] if len(conf) else []
+    loss = None if target is not None else max_loss
+    if not ok.any():
+        return Routing(None, "gold" if c is not None else "audit", n, level, loss, target, 0.0, None, None, ctrl_all,
+                       None, curve)
+    j = int(np.flatnonzero(ok)[-1])
+    return Routing(float(conf[j]), "gold" if c is not None else "audit", n, level, loss, target, (j + 1) / n,
+                   float(hits[j] / (j + 1)), None if ctrl_hits is None else float(ctrl_hits[j] / (j + 1)), ctrl_all,
+                   float(bound[j]), curve)
+
+
 RULES: dict[str, Callable[..., Votes]] = {
     "unanimity": unanimity,
     "majority": majority,
     "confidence_weighted": confidence_weighted,
+    "stacked": stacked,
 }
 
 
@@ -174,23 +382,46 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
 def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
     """What the voting rule of ``voting`` (a :class:`VotingConfig`; unanimity when None) makes of the
     specialists on held-out check rows, as ``training/stage.evaluate`` asks: the share of hard rows and the
-    accuracy of the consensus rows. With ``voting.target_accuracy`` and at least ``min_fit_rows`` rows, the
-    rule's threshold is calibrated on these rows first (``gate``: what the voters are given) and the shares
-    are those under it; with fewer, the configured threshold."""
+    accuracy of the consensus rows, under the threshold it fits first (``gate``: what the voters are given):
 
-    def judge(probs: np.ndarray, gold: np.ndarray, names: np.ndarray, specialists: list[str]) -> dict:
+    - ``voting.route: measured`` and at least ``min_fit_rows`` check rows the controller answered
+      (``check.controller``): :func:`fit_route` on those rows;
+    - else, with ``voting.target_accuracy`` and at least ``min_fit_rows`` rows: :func:`calibrate`;
+    - else the configured threshold, nothing fitted."""
+
+    def judge(probs: np.ndarray, gold: np.ndarray, names: np.ndarray, specialists: list[str], check=None) -> dict:
         rule = get_rule(voting.rule if voting is not None else "unanimity")
         weights = None if voting is None or not voting.weights else [voting.weights.get(n, 1.0) for n in specialists]
+        answers = getattr(check, "controller", None)
+        asked = (np.array([a is not None for a in answers], dtype=bool) if answers is not None
+                 else np.zeros(len(gold), dtype=bool))
+        route = voting is not None and voting.route == "measured" and asked.sum() >= min_fit_rows
         target = None if voting is None or probs.shape[1] < min_fit_rows else voting.target_accuracy
         out: dict = {}
-        if target is None:
-            threshold = {} if voting is None or voting.threshold is None else {"threshold": voting.threshold}
-            votes = rule(probs, weights=weights, **threshold)
-        else:
+        if route:
+            said = np.array(answers, dtype=object)[asked]
+            stack = None
+            if rule is stacked:  # learned on the reference rows; routed on its out-of-fold answers there
+                index = {str(n): i for i, n in enumerate(names)}
+                q, stack = cross_fitted(probs[:, asked], np.array([index[str(g)] for g in gold[asked]]))
+                lead = q.argmax(axis=1)
+                ref = Votes(label=lead, confidence=q[np.arange(len(q)), lead], leading=lead)
+            else:
+                ref = rule(probs[:, asked], weights=weights, threshold=0.0)
+            controller_right = None if check.source == "audit" else said == gold[asked]
+            fit = fit_route(ref, names[ref.leading] == gold[asked], controller_right, level=voting.confidence_level,
+                            max_loss=voting.max_loss, target=voting.target_accuracy, method=voting.bound)
+            extra = {} if stack is None else {"stack": stack}
+            votes = gated(rule(probs, weights=weights, threshold=0.0, **extra), fit.threshold)
+            out["gate"] = fit.as_dict() | ({} if stack is None else {"stack": stack.as_dict()})
+        elif target is not None:
             base = rule(probs, weights=weights, threshold=0.0)
             fit = calibrate(base, names[base.leading] == gold, target=target)
             votes = gated(base, fit.threshold)
             out["gate"] = fit.as_dict()
+        else:
+            threshold = {} if voting is None or voting.threshold is None else {"threshold": voting.threshold}
+            votes = rule(probs, weights=weights, **threshold)
         easy = ~votes.hard
         agreed = names[votes.leading]
         out.update(hard_share=float(np.mean(votes.hard)),

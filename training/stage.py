@@ -115,25 +115,31 @@ def train_stage(
 
 @dataclass
 class CheckSet:
-    """Held-out rows that judge a stage: gold rows, or controller rows never trained on."""
+    """Held-out rows that judge a stage, never trained on: gold rows, a random audit sample the controller
+    labelled, or controller rows held out of training."""
 
     texts: list[str]
     labels: list[str]
-    source: str  # "gold" or "controller"
+    source: str  # "gold", "audit" (labels are the controller's answers on random rows) or "controller"
+    # The controller's answer on each row where it was asked up front (None: not asked; "": unresolved):
+    # what the job routes by (reference rows). For an audit the labels themselves are these answers.
+    controller: list[str | None] | None = None
+    rows: list[int] | None = None  # their input row numbers, where they come from the input
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-Judge = Callable[[np.ndarray, np.ndarray, np.ndarray, list[str]], dict]
+Judge = Callable[..., dict]  # (probs, labels, label names, specialist names, check=CheckSet) -> fields
 
 
 def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[str], judge: Judge | None = None,
              probs_cache: dict[str, np.ndarray] | None = None) -> dict:
     """Each specialist's accuracy on the check rows, and what ``judge`` makes of them together.
 
-    ``judge(probs, gold, names, specialists)`` gets the stacked probabilities (specialists x rows x labels),
-    the check rows' labels, the label names and the specialists' names, and returns the fields it adds (the job's judge applies the voting
+    ``judge(probs, gold, names, specialists, check=check)`` gets the stacked probabilities (specialists x rows x
+    labels), the check rows' labels, the label names, the specialists' names and the check set (for the
+    controller's answers on it), and returns the fields it adds (the job's judge applies the voting
     rule: ``hard_share``, ``consensus_accuracy``, a calibrated ``gate``); without one those stay None.
     ``probs_cache`` (checkpoint path -> probabilities on these rows) lets several evaluations of one stage
     load and run each checkpoint once."""
@@ -154,7 +160,7 @@ def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[
         probs.append(p)
         out["specialists"][name] = float(np.mean(names[p.argmax(1)] == gold))
     if judge is not None and probs:
-        out.update(judge(np.stack(probs), gold, names, list(checkpoints)))
+        out.update(judge(np.stack(probs), gold, names, list(checkpoints), check=check))
     return out
 
 

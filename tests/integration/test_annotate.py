@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from labelwright.orchestrator.cli import main
-from labelwright.specialists.errors import ConfigError, ControllerError
+from labelwright.specialists.errors import ConfigError, ControllerError, InputDataError
 from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.plan import load_plan
 from labelwright.orchestrator.spec import load_task
@@ -33,6 +33,8 @@ def spec_for(server, **extra):
         "seed": {"size": 40},
         "specialists": FAST,
         "runtime": {"shard_rows": 50},
+        # The spine's tests route by the rule alone; routing by reference rows has its own tests below.
+        "voting": {"route": "threshold"},
     }
     for k, v in extra.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
@@ -159,6 +161,90 @@ def test_calibrated_threshold_decides_which_agreeing_rows_are_settled(ray_cluste
         assert settled.any() and (agree & ~settled).any()  # it settled some, and sent some agreeing rows on
 
 
+def test_routing_by_gold_reference_rows_settles_where_the_specialists_beat_the_controller(ray_cluster, movie,
+                                                                                            tmp_path):
+    """A controller wrong on every third row: the gold reference rows show the specialists winning where
+    they are sure, so the fitted threshold settles those, the reference rows keep the controller's answers,
+    count in the LLM share and are not asked again on resume."""
+    path, df = movie
+    flipped = {t: (("negative" if g == "positive" else "positive") if i % 3 == 0 else g)
+               for i, (t, g) in enumerate(zip(df["text"], df["label"]))}
+    with FakeOpenAI(oracle(flipped)) as server:
+        spec = spec_for(server, voting={"route": "measured", "rule": "confidence_weighted", "max_loss": 0.1},
+                        stages={"enabled": False, "min_check_rows": 10})
+        out = tmp_path / "o.parquet"
+        report = annotate(path, spec=spec, output=out, report_path=tmp_path / "r.json")
+        calls = server.chat_calls
+        res = pd.read_parquet(out)
+        ref = report["reference"]
+        assert ref["source"] == "gold" and ref["asked"] == ref["rows"] == res["reference"].sum() >= 10
+        assert ref["llm_calls"] == res.loc[res["reference"], "llm_calls"].sum()
+        refs = res[res["reference"]]
+        assert refs["decided_by"].eq("controller").all() and (refs["label"] == refs["text"].map(flipped)).all()
+        gate = report["stages"]["stages"][0]["check"]["gate"]
+        assert gate["kind"] == "route" and gate["reference"] == "gold" and gate["rows"] == ref["rows"]
+        assert gate["controller_accuracy_all"] == pytest.approx((refs["label"] == refs["gold"]).mean())
+        voted = res[~res["seed"] & ~res["reference"] & res["decided_by"].isin(["consensus", "controller"])]
+        support = (voted["prob_tfidf"].where(voted["vote_tfidf"] == voted["specialists_label"],
+                                             1 - voted["prob_tfidf"])
+                   + voted["prob_probe"].where(voted["vote_probe"] == voted["specialists_label"],
+                                               1 - voted["prob_probe"])) / 2
+        settled = voted["decided_by"] == "consensus"
+        if gate["threshold"] is None:
+            assert not settled.any()
+        else:  # consensus exactly where the mean support reaches the fitted threshold
+            assert (settled == (support >= gate["threshold"] - 1e-6)).all()
+        assert report["llm_share"] == pytest.approx((res["llm_calls"].gt(0) | res["decided_by"].eq("controller")
+                                                    ).mean())
+        # resume after losing a shard: its reference rows come from the run directory, not the endpoint
+        (tmp_path / "o.run" / "parts" / "part-00001.parquet").unlink()
+        lost = res[(res["row"] >= 50) & (res["row"] < 100)]
+        annotate(path, spec=spec, output=out)
+        asked_again = ((lost["decided_by"] == "controller") & ~lost["seed"] & ~lost["reference"]).sum()
+        assert server.chat_calls - calls == asked_again
+
+
+def test_without_gold_an_audit_of_random_rows_is_the_reference(ray_cluster, movie, tmp_path):
+    path, df = movie
+    with FakeOpenAI(oracle(dict(zip(df["text"], df["label"])))) as server:
+        spec = spec_for(server, gold_column=None, voting={"route": "measured", "reference_rows": 30},
+                        stages={"enabled": False})
+        report = annotate(path, spec=spec, output=tmp_path / "o.parquet")
+    res = pd.read_parquet(tmp_path / "o.parquet")
+    ref = report["reference"]
+    assert ref["source"] == "audit" and ref["asked"] == 30 == res["reference"].sum()
+    assert not (res["reference"] & res["seed"]).any()
+    gate = report["stages"]["stages"][0]["check"]["gate"]
+    assert gate["reference"] == "audit" and gate["rows"] == 30 and gate["controller_accuracy"] is None
+    # an oracle controller and 30 rows: no disagreement rate can be shown within 2%, nothing is settled
+    assert gate["threshold"] is None and not (res["decided_by"] == "consensus").any()
+
+
+def test_a_gold_file_is_the_reference_and_its_rows_are_not_output_rows(ray_cluster, movie, datasets_dir, tmp_path):
+    path, df = movie
+    extra = pd.read_csv(datasets_dir / "movie_sentiment" / "train.csv").head(40)
+    gold_file = tmp_path / "gold.csv"
+    extra.rename(columns={"text": "review", "label": "sentiment"}).to_csv(gold_file, index=False)
+    truth = dict(zip(df["text"], df["label"])) | dict(zip(extra["text"], extra["label"]))
+    with FakeOpenAI(oracle(truth)) as server:
+        spec = spec_for(server, gold_column=None, stages={"enabled": False},
+                        voting={"route": "measured", "gold_file": str(gold_file), "gold_text_column": "review",
+                                "gold_label_column": "sentiment"})
+        report = annotate(path, spec=spec, output=tmp_path / "o.parquet")
+        bad = tmp_path / "bad.csv"
+        extra.assign(label=["positive"] * 39 + ["meh"]).to_csv(bad, index=False)
+        with pytest.raises(InputDataError, match=r"gold file .*bad.csv: row 39 has label 'meh'"):
+            annotate(path, spec=spec_for(server, gold_column=None, voting={"route": "measured", "gold_file": str(bad)}),
+                     output=tmp_path / "b.parquet")
+    res = pd.read_parquet(tmp_path / "o.parquet")
+    ref = report["reference"]
+    assert ref["source"] == "gold file" and ref["asked"] == 40 and ref["in_input"] is False
+    assert len(res) == len(df) and not res["reference"].any()  # the file's rows are not labelled output rows
+    gate = report["stages"]["stages"][0]["check"]["gate"]
+    assert gate["reference"] == "gold" and gate["rows"] == 40 and gate["controller_accuracy_all"] == 1.0
+    assert report["stages"]["stages"][0]["check"]["rows"] == 40  # the file's rows check the stages too
+
+
 def test_failing_endpoint_is_a_clear_error(ray_cluster, movie, tmp_path):
     path, _ = movie
     with FakeOpenAI(http_error(500)) as server:
@@ -223,7 +309,7 @@ def test_controller_plan_is_checked_on_the_seed_and_saved_next_to_the_output(ray
         return label_oracle(request)
 
     with FakeOpenAI(responder) as server:
-        data = spec_for(server).model_dump(exclude={"specialists"}, exclude_unset=True)
+        data = spec_for(server).model_dump(exclude={"specialists", "voting"}, exclude_unset=True)
         data["planning"] = {"min_agreement": 0.99}  # no zero-shot scorer agrees with 99% of the seed
         spec = load_task(None, data)
         out = tmp_path / "out.parquet"

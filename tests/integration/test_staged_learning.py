@@ -38,6 +38,7 @@ def task(server, **stages) -> dict:
         "seed": {"size": 40},
         "specialists": FAST,
         "runtime": {"shard_rows": 60, "vote_batch_size": 30},
+        "voting": {"route": "threshold"},  # the stages' mechanics, not routing, are tested here
         "stages": {"every_rows": 25, "max_stages": 2, "check_rows": 50, "wait": True, **stages},
     }
 

@@ -34,7 +34,7 @@ class FakeGate:
         self.thresholds = []
 
         class _Set:
-            def remote(self, versions, threshold):
+            def remote(self, versions, threshold, stack=None):
                 outer.calls.append("set_threshold")
                 outer.thresholds.append((dict(versions), threshold))
 
@@ -165,14 +165,15 @@ def test_stage_gate_threshold_for_exact_mixed_and_unknown_versions():
     async def scenario():
         g = StageGate()
         await g.set_threshold({"a": "a0", "b": "b0"}, 0.6)
-        await g.set_threshold({"a": "a1", "b": "b1"}, 0.8)
+        await g.set_threshold({"a": "a1", "b": "b1"}, 0.8, {"a": [1.0, 1.0], "b": [0.0, 0.0]})
         await g.set_threshold({"a": "a2", "b": "b2"}, None)
-        assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.8)
-        assert await g.threshold_for({"a": "a1", "b": "b0"}) == (True, 0.8)  # mid-swap: the stricter one
-        assert await g.threshold_for({"a": "a2", "b": "b1"}) == (True, None)  # None settles nothing: strictest
-        assert await g.threshold_for({"a": "x", "b": "y"}) == (False, None)
+        assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.8, {"a": [1.0, 1.0], "b": [0.0, 0.0]})
+        assert await g.threshold_for({"a": "a0", "b": "b0"}) == (True, 0.6, None)
+        assert (await g.threshold_for({"a": "a1", "b": "b0"}))[:2] == (True, 0.8)  # mid-swap: the stricter one
+        assert await g.threshold_for({"a": "a2", "b": "b1"}) == (True, None, None)  # None settles nothing: strictest
+        assert await g.threshold_for({"a": "x", "b": "y"}) == (False, None, None)
         await g.set_threshold({"a": "a1", "b": "b1"}, 0.5)  # recalibrated (a rolled-back stage): replaced
-        assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.5)
+        assert await g.threshold_for({"a": "a1", "b": "b1"}) == (True, 0.5, None)
 
     asyncio.run(scenario())
 
@@ -189,12 +190,13 @@ def test_gold_check_set_is_fixed_skips_seed_and_unlabelled_rows_and_keeps_three_
         d.to_parquet(tmp_path / f"s{k}.parquet")
         shards.append(SimpleNamespace(path=tmp_path / f"s{k}.parquet"))
     staged = SimpleNamespace(shards=shards)
-    check, rows = gold_check_set(staged, size=300, exclude_ids={"r1"}, exclude_texts={"text 2"})
+    check, ids = gold_check_set(staged, size=300, exclude_ids={"r1"}, exclude_texts={"text 2"})
     usable = 100 - 10 - 3  # no gold, the seed's id and text, the skipped row
-    assert len(check) == len(rows) == int(usable * 0.25) and check.source == "gold"
-    assert not rows & {0, 1, 2, 3, 10, 20}
-    again, rows2 = gold_check_set(staged, size=300, exclude_ids={"r1"}, exclude_texts={"text 2"})
-    assert rows2 == rows and again.texts == check.texts  # the same slice on a resumed run
+    assert len(check) == len(ids) == len(check.rows) == int(usable * 0.25) and check.source == "gold"
+    assert not set(check.rows) & {0, 1, 2, 3, 10, 20}
+    assert ids == [f"r{r}" for r in check.rows] and check.texts == [f"text {r}" for r in check.rows]
+    again, ids2 = gold_check_set(staged, size=300, exclude_ids={"r1"}, exclude_texts={"text 2"})
+    assert ids2 == ids and again.texts == check.texts  # the same slice on a resumed run
     small, _ = gold_check_set(staged, size=5, exclude_ids=set(), exclude_texts=set())
     assert len(small) == 5
-    assert gold_check_set(staged, size=0, exclude_ids=set(), exclude_texts=set())[1] == set()
+    assert gold_check_set(staged, size=0, exclude_ids=set(), exclude_texts=set())[1] == []

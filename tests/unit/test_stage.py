@@ -135,6 +135,46 @@ def test_evaluate_reports_hard_share_and_consensus_accuracy(movie_split, tmp_pat
     assert "gate" not in few and few["hard_share"] == ev["hard_share"]
 
 
+def test_the_judge_routes_by_the_controllers_answers_on_the_reference_rows(movie_split, tmp_path):
+    seed, _, held = movie_split
+    configs = [SpecialistConfig(name="a", kind="tfidf_linear"), SpecialistConfig(name="b", kind="tfidf_linear", l2=10.0)]
+    ck = train_stage(configs, seed["text"].tolist(), seed["label"].tolist(), label_names=LABELS,
+                     run_dir=tmp_path, log=lambda m: None)
+    texts, gold = held["text"].tolist(), held["label"].tolist()
+    measured = VotingConfig(rule="confidence_weighted", max_loss=0.5)
+    # A controller that is always wrong: the specialists lose nothing wherever they settle.
+    wrong = [LABELS[1 - LABELS.index(g)] for g in gold]
+    asked = [w if i % 2 == 0 else None for i, w in enumerate(wrong)]  # asked about every other row
+    ev = evaluate(ck, CheckSet(texts, gold, "gold", controller=asked), label_names=LABELS,
+                  judge=check_judge(measured, min_fit_rows=5))
+    gate = ev["gate"]
+    assert gate["kind"] == "route" and gate["reference"] == "gold" and gate["rows"] == len(asked[::2])
+    assert gate["controller_accuracy_all"] == 0.0 and gate["threshold"] is not None and gate["curve"]
+    assert ev["hard_share"] == pytest.approx(np.mean(_conf(ck, texts) < gate["threshold"]))
+    # An audit: the labels are the controller's own; nothing is asked beyond them.
+    audit = evaluate(ck, CheckSet(texts, gold, "audit", controller=list(gold)), label_names=LABELS,
+                     judge=check_judge(measured, min_fit_rows=5))["gate"]
+    assert audit["reference"] == "audit" and audit["controller_accuracy"] is None
+    # The stacked rule: its weights are fitted on the reference rows and published with the threshold.
+    stack = evaluate(ck, CheckSet(texts, gold, "gold", controller=asked), label_names=LABELS,
+                     judge=check_judge(VotingConfig(rule="stacked", max_loss=0.5), min_fit_rows=5))["gate"]
+    assert len(stack["stack"]["a"]) == 2 and len(stack["stack"]["b"]) == 2 and stack["kind"] == "route"
+    # Fewer answered rows than min_fit_rows: nothing fitted, the rule's own threshold.
+    few = evaluate(ck, CheckSet(texts, gold, "gold", controller=asked), label_names=LABELS,
+                   judge=check_judge(measured, min_fit_rows=len(held)))
+    assert "gate" not in few
+    # route: threshold ignores the controller's answers (no target: the configured threshold)
+    fixed = evaluate(ck, CheckSet(texts, gold, "gold", controller=asked), label_names=LABELS,
+                     judge=check_judge(measured.model_copy(update={"route": "threshold"}), min_fit_rows=5))
+    assert "gate" not in fixed
+
+
+def _conf(ck, texts):
+    from labelwright.specialists.registry import load_specialist
+
+    return np.mean([load_specialist(p).predict_proba(texts) for p in ck.values()], axis=0).max(1)
+
+
 def test_plot_stages_writes_a_png(tmp_path):
     stages = {"stages": [
         {"stage": 0, "hard_share": 0.5, "consensus_accuracy": 0.8,

@@ -3,6 +3,13 @@ import pytest
 
 from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.voting import (
+    Stack,
+    cross_fitted,
+    fit_route,
+    fit_stack,
+    proportion_bound,
+    stack_probs,
+    stacked,
     Votes, calibrate, confidence_weighted, gated, get_rule, majority, mean_probs, top_candidates, unanimity,
 )
 
@@ -111,3 +118,135 @@ def test_gated_applies_a_calibrated_threshold_on_top_of_the_rule():
     assert gated(base, 0.0).label.tolist() == [0, -1, 0]
     assert gated(base, None).hard.all()
     assert gated(base, 0.6).leading.tolist() == base.leading.tolist()
+
+
+# ---- routing by measured correctness -------------------------------------------------------------
+
+def _reference(n, spec_acc, ctrl_acc, *, seed=0):
+    """n reference rows with confidence spread over [0.5, 1]: the specialists are right with probability
+    spec_acc(confidence), the controller with ctrl_acc(confidence), independently."""
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0.5, 1.0, n)
+    votes = Votes(label=np.zeros(n, dtype=int), confidence=conf, leading=np.zeros(n, dtype=int))
+    return votes, rng.random(n) < spec_acc(conf), rng.random(n) < ctrl_acc(conf)
+
+
+@pytest.mark.parametrize("method", ["wilson", "clopper_pearson"])
+def test_proportion_bound_is_scipys_one_sided_interval(method):
+    from scipy import stats
+
+    scipy_method = "wilson" if method == "wilson" else "exact"
+    for hits, n in [(0, 10), (3, 10), (10, 10), (45, 50), (120, 400)]:
+        low = stats.binomtest(hits, n, alternative="greater").proportion_ci(0.95, method=scipy_method).low
+        high = stats.binomtest(hits, n, alternative="less").proportion_ci(0.9, method=scipy_method).high
+        assert proportion_bound(hits, n, method=method) == pytest.approx(low, abs=1e-9)
+        assert proportion_bound(hits, n, level=0.9, side="upper", method=method) == pytest.approx(high, abs=1e-9)
+    assert proportion_bound(0, 0) == 0.0 and proportion_bound(0, 0, side="upper") == 1.0
+    with pytest.raises(ConfigError, match="wilson or clopper_pearson"):
+        proportion_bound(1, 2, method="normal")
+
+
+def test_specialists_worse_than_the_controller_everywhere_settle_nothing():
+    votes, right, ctrl = _reference(400, lambda c: 0.6 + 0.3 * (c - 0.5), lambda c: np.full_like(c, 0.95))
+    fit = fit_route(votes, right, ctrl)
+    assert fit.threshold is None and fit.settled_share == 0.0 and fit.reference == "gold"
+    assert fit.curve and all(p["accuracy"] < p["controller_accuracy"] for p in fit.curve[2:])
+
+
+def test_specialists_better_on_their_confident_rows_settle_those_and_only_those():
+    # The specialists are nearly always right above 0.8 and a coin below; the controller is 85% everywhere.
+    votes, right, ctrl = _reference(600, lambda c: np.where(c > 0.8, 0.99, 0.5), lambda c: np.full_like(c, 0.85))
+    fit = fit_route(votes, right, ctrl, max_loss=0.0)
+    assert fit.threshold is not None and 0.7 < fit.threshold < 0.85
+    assert fit.accuracy >= fit.controller_accuracy and fit.bound >= 0.0
+    assert fit.controller_accuracy_all == pytest.approx(ctrl.mean())
+    gated_rows = votes.confidence >= fit.threshold
+    assert fit.settled_share == pytest.approx(gated_rows.mean())
+
+
+def test_the_bound_tightens_with_more_reference_rows():
+    # Specialists a little better than the controller on their top half: a few rows cannot show it, many can.
+    spec, ctrl = (lambda c: np.where(c > 0.75, 0.97, 0.6)), (lambda c: np.full_like(c, 0.9))
+    shares = [np.mean([fit_route(*_reference(n, spec, ctrl, seed=s), max_loss=0.0).settled_share for s in range(5)])
+              for n in (40, 400, 4000)]
+    assert shares[0] < shares[1] < shares[2]
+    assert shares[2] > 0.4
+
+
+def test_identical_answers_settle_everything_once_the_rows_bound_the_loss_within_the_margin():
+    votes, right, _ = _reference(200, lambda c: np.full_like(c, 0.9), lambda c: np.full_like(c, 0.9))
+    fit = fit_route(votes, right, right.copy(), max_loss=0.02)  # no disagreement on any row
+    assert fit.settled_share == 1.0 and -0.02 <= fit.bound < 0  # 200 rows bound a loss rate to 1.3%
+    assert fit_route(votes, right, right.copy(), max_loss=0.0).threshold is None  # no sample shows it is 0
+    few = _reference(60, lambda c: np.full_like(c, 0.9), lambda c: c, seed=1)
+    assert fit_route(few[0], few[1], few[1].copy(), max_loss=0.02).threshold is None  # 60 rows cannot
+
+
+def test_without_gold_every_disagreement_counts_against_the_specialists():
+    # Audit: the reference labels are the controller's; 'right' is agreement with it.
+    votes, agree, _ = _reference(500, lambda c: np.where(c > 0.8, 1.0, 0.7), lambda c: c)
+    fit = fit_route(votes, agree, None, max_loss=0.02)
+    assert fit.reference == "audit" and fit.controller_accuracy is None
+    assert fit.threshold is not None and fit.threshold > 0.78  # only where they always agree
+    assert fit.bound >= -0.02
+    assert fit_route(votes, agree, None, max_loss=0.0).threshold is None  # no disagreement rate is shown to be 0
+
+
+def test_a_target_accuracy_replaces_the_comparison_with_the_controller():
+    votes, right, ctrl = _reference(500, lambda c: c, lambda c: np.full_like(c, 0.99))
+    fit = fit_route(votes, right, ctrl, target=0.85)
+    assert fit.threshold is not None and fit.max_loss is None and fit.target == 0.85
+    assert proportion_bound(round(fit.accuracy * fit.settled_share * 500), round(fit.settled_share * 500)) >= 0.85 - 1e-3
+    assert fit_route(votes, right, np.ones(500, dtype=bool)).threshold is None  # against a perfect controller
+
+
+def test_routing_ignores_rows_the_rule_leaves_hard_and_keeps_ties_together():
+    conf = np.array([0.9, 0.9, 0.9, 0.8, 0.7, 0.6])
+    votes = Votes(label=np.array([0, 0, 0, 0, -1, 0]), confidence=conf, leading=np.zeros(6, dtype=int))
+    right = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
+    ctrl = np.ones(6, dtype=bool)  # the controller is always right: row 5 is lost
+    fit = fit_route(votes, right, ctrl, min_settled=2, level=0.6, max_loss=0.1)
+    assert fit.threshold == 0.8 and fit.settled_share == pytest.approx(4 / 6)  # row 4 is hard, row 5 lost
+    assert fit_route(votes, right, ctrl, min_settled=5, level=0.6, max_loss=0.1).threshold is None
+    # a threshold between the three rows at 0.9 would split a tie: k=1 and k=2 are never candidates
+    assert fit_route(votes, right, ctrl, min_settled=1, level=0.6, max_loss=0.1).threshold == 0.8
+
+
+# ---- the stacked rule ---------------------------------------------------------------------------------
+
+def _stacked_data(n, *, seed=0):
+    rng = np.random.default_rng(seed)
+    true = Stack(np.array([1.5, 0.3, 0.0]), np.array([0.5, 0.0, -0.5, 0.0]))
+    probs = rng.dirichlet(np.full(4, 0.7), size=(3, n))
+    q = stack_probs(probs, true)
+    y = np.array([rng.choice(4, p=row) for row in q])
+    return probs, y, true
+
+
+def test_the_stacked_rule_recovers_known_weights():
+    probs, y, true = _stacked_data(3000)
+    fit = fit_stack(probs, y)
+    np.testing.assert_allclose(fit.a, true.a, atol=0.1)  # a strong, a weak and a useless specialist
+    np.testing.assert_allclose(fit.b - fit.b.mean(), true.b - true.b.mean(), atol=0.1)
+    assert Stack.from_dict(fit.as_dict()).a.tolist() == fit.a.tolist()
+
+
+def test_stacked_without_a_fit_is_the_weighted_product_of_the_distributions():
+    probs = P([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    votes = stacked(probs, threshold=0.6)
+    prod = np.prod(probs, axis=0)
+    w = stack_probs(probs, Stack(np.full(3, 1 / 3), np.zeros(2)))
+    geo = prod ** (1 / 3) / (prod ** (1 / 3)).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(w, geo)
+    np.testing.assert_allclose(votes.confidence, geo.max(axis=1))
+    assert votes.leading.tolist() == [0, 0] and votes.label.tolist() == [0, -1]  # the second row is a tie
+
+
+def test_cross_fitted_scores_each_row_without_it():
+    probs, y, _ = _stacked_data(400, seed=1)
+    q, full = cross_fitted(probs, y, folds=4)
+    assert q.shape == (400, 4) and np.allclose(q.sum(axis=1), 1)
+    assert not np.allclose(q, stack_probs(probs, full))  # out of fold differs from in sample
+    in_sample = np.mean(np.log(stack_probs(probs, full)[np.arange(400), y]))
+    out_of_fold = np.mean(np.log(q[np.arange(400), y]))
+    assert out_of_fold < in_sample  # the in-sample fit flatters itself
