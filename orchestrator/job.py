@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
@@ -167,12 +168,7 @@ def annotate(
     )
     timings["stage_input"] = time.monotonic() - t
     log(f"input: {staged.n_rows} rows in {len(staged.shards)} shard(s)")
-    if spec.voting.gold_file:  # read now: a bad file is an error before any model is trained or paid for
-        from labelwright.orchestrator.bootstrap import read_gold_file
-
-        v = spec.voting
-        read_gold_file(v.gold_file, text_column=v.gold_text_column, label_column=v.gold_label_column,
-                       labels=spec.label_names, what="gold file")
+    gold_file_rows = _read_gold_file(spec)  # now: a bad file is an error before any model is trained or paid for
 
     info = runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
     DataContext.get_current().enable_progress_bars = False  # the job prints its own progress
@@ -219,7 +215,7 @@ def annotate(
         deploy_specialists([by_name[n] for n in changed], changed, app_prefix=app_prefix, gpu=gpu)
 
     t = time.monotonic()
-    reference = _reference(spec, staged, seed, checkpoints, controller_cfg, run_dir=run_dir, log=log)
+    reference = _reference(spec, staged, seed, checkpoints, controller_cfg, gold_file_rows, run_dir=run_dir, log=log)
     timings["reference"] = time.monotonic() - t
     gate = None
     if (spec.stages.enabled and spec.stages.wait) or _fits_threshold(spec, reference):
@@ -336,10 +332,24 @@ def _controller_settings(spec, controller_cfg, seed, **extra) -> ControllerSetti
         demo_embeddings=seed.embeddings, **extra)
 
 
-def _reference(spec, staged, seed, checkpoints, controller_cfg, *, run_dir, log):
+def _read_gold_file(spec) -> pd.DataFrame | None:
+    """The rows of ``voting.gold_file`` (None without one); a file without a labelled text is an error."""
+    v = spec.voting
+    if not v.gold_file:
+        return None
+    from labelwright.orchestrator.bootstrap import read_gold_file
+
+    rows = read_gold_file(v.gold_file, text_column=v.gold_text_column, label_column=v.gold_label_column,
+                          labels=spec.label_names, what="gold file")
+    if rows.empty:
+        raise InputDataError(f"gold file {v.gold_file} has no row with a text; give labelled rows or drop "
+                             "voting.gold_file (--gold-file)")
+    return rows
+
+
+def _reference(spec, staged, seed, checkpoints, controller_cfg, gold_file_rows, *, run_dir, log):
     """The gold check rows (with a gold column) and the reference rows the controller answers up front."""
-    from labelwright.orchestrator.learning import gold_check_set
-    from labelwright.orchestrator.reference import build_reference
+    from labelwright.orchestrator.reference import build_reference, gold_check_set
     from labelwright.training.stage import CheckSet
 
     exclude_ids, exclude_texts = set(map(str, seed.answers)), set(seed.texts)
@@ -348,7 +358,8 @@ def _reference(spec, staged, seed, checkpoints, controller_cfg, *, run_dir, log)
         check, ids = gold_check_set(staged, size=spec.stages.check_rows, exclude_ids=exclude_ids,
                                     exclude_texts=exclude_texts)
         log(f"stages: {len(check)} gold rows held out to check each stage (never trained on)")
-    return build_reference(staged, spec=spec, gold_check=check, gold_ids=ids, controller=controller_cfg.model_dump(),
+    return build_reference(staged, spec=spec, gold_check=check, gold_ids=ids, gold_file_rows=gold_file_rows,
+                           controller=controller_cfg.model_dump(),
                            settings=_controller_settings(spec, controller_cfg, seed), checkpoints=checkpoints,
                            exclude_ids=exclude_ids, exclude_texts=exclude_texts, run_dir=run_dir, log=log)
 
@@ -465,8 +476,10 @@ def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -
     (the seed's, the reference rows'), each counted once."""
     calls = tokens = 0
     for idx in done:
-        p = pd.read_parquet(parts_dir / f"part-{idx:05d}.parquet")
-        p = p[~p["seed"].astype(bool) & ~p.get("reference", pd.Series(False, index=p.index)).astype(bool)]
+        path = parts_dir / f"part-{idx:05d}.parquet"
+        flags = [c for c in ("seed", "reference") if c in pq.read_schema(path).names]  # parts of 0.1 have no reference
+        p = pd.read_parquet(path, columns=["llm_calls", "prompt_tokens", "completion_tokens", *flags])
+        p = p[~p[flags].astype(bool).any(axis=1)]
         calls += int(p["llm_calls"].sum())
         tokens += int((p["prompt_tokens"] + p["completion_tokens"]).sum())
     for answers in asked_up_front:

@@ -25,7 +25,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from labelwright.orchestrator.report import accuracy, routing_text
@@ -352,25 +351,3 @@ def _gate_text(fit: dict) -> str:
         return f"none reaches {fit['target_accuracy']:.0%} accuracy: every row goes to the controller"
     return (f"{fit['threshold']:.3f} (settles {fit['settled_share']:.0%} of them at {fit['accuracy']:.0%} "
             f"accuracy, target {fit['target_accuracy']:.0%})")
-
-
-def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0,
-                   max_share: float = 0.25):
-    """A fixed random slice of gold-labelled input rows that checks every stage and is never trained on:
-    ``size`` rows, but at most ``max_share`` of the usable gold rows, so that a small input still
-    leaves most of its controller rows to train on.
-
-    Returns (CheckSet with their row numbers, their ids)."""
-    if size <= 0:
-        return CheckSet([], [], "gold", rows=[]), []
-    frames = []
-    for shard in staged.shards:
-        d = pd.read_parquet(shard.path, columns=["row", "id", "text", "gold", "skip_reason"])
-        frames.append(d[d["gold"].notna() & d["skip_reason"].isna()][["row", "id", "text", "gold"]])
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "id", "text", "gold"])
-    df = df[~df["id"].astype(str).isin(exclude_ids) & ~df["text"].isin(exclude_texts)]
-    size = min(size, int(len(df) * max_share))
-    df = df.iloc[np.sort(np.random.default_rng(seed).permutation(len(df))[:size])]
-    check = CheckSet(df["text"].tolist(), df["gold"].astype(str).tolist(), "gold", rows=df["row"].astype(int).tolist())
-    return check, df["id"].astype(str).tolist()
-

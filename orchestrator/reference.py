@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 from labelwright.orchestrator.voting import mean_probs, top_candidates
-from labelwright.specialists.errors import InputDataError
 from labelwright.training.stage import CheckSet
 
 
@@ -63,16 +62,36 @@ class Reference:
 MAX_AUDIT_SHARE = 0.25  # an audit takes at most this share of the input's votable rows
 
 
-def _random_rows(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int,
-                 max_share: float) -> pd.DataFrame:
+def random_input_rows(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int,
+                      max_share: float, gold: bool = False) -> pd.DataFrame:
+    """A fixed random slice of the input's votable rows (with a gold label, when ``gold``), none of them
+    in ``exclude_ids`` / ``exclude_texts``: ``size`` rows, but at most ``max_share`` of the usable ones, in
+    input order; columns row, id, text (and gold). The same slice on a resumed run."""
+    cols = ["row", "id", "text"] + (["gold"] if gold else [])
     frames = []
     for shard in staged.shards:
-        d = pd.read_parquet(shard.path, columns=["row", "id", "text", "skip_reason"])
-        frames.append(d[d["skip_reason"].isna()][["row", "id", "text"]])
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "id", "text"])
+        d = pd.read_parquet(shard.path, columns=cols + ["skip_reason"])
+        keep = d["skip_reason"].isna() & (d["gold"].notna() if gold else True)
+        frames.append(d[keep][cols])
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
     df = df[~df["id"].astype(str).isin(exclude_ids) & ~df["text"].isin(exclude_texts)]
     size = min(size, int(len(df) * max_share))
     return df.iloc[np.sort(np.random.default_rng(seed).permutation(len(df))[:size])].reset_index(drop=True)
+
+
+def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: set[str], seed: int = 0,
+                   max_share: float = 0.25):
+    """A fixed random slice of gold-labelled input rows that checks every stage and is never trained on:
+    ``size`` rows, but at most ``max_share`` of the usable gold rows, so that a small input still
+    leaves most of its controller rows to train on.
+
+    Returns (CheckSet with their row numbers, their ids)."""
+    if size <= 0:
+        return CheckSet([], [], "gold", rows=[]), []
+    df = random_input_rows(staged, size=size, exclude_ids=exclude_ids, exclude_texts=exclude_texts, seed=seed,
+                           max_share=max_share, gold=True)
+    check = CheckSet(df["text"].tolist(), df["gold"].astype(str).tolist(), "gold", rows=df["row"].astype(int).tolist())
+    return check, df["id"].astype(str).tolist()
 
 
 def _candidates(texts: list[str], checkpoints: dict[str, str], labels: list[str], k: int) -> list[list[str]]:
@@ -84,29 +103,24 @@ def _candidates(texts: list[str], checkpoints: dict[str, str], labels: list[str]
     return [[labels[j] for j in row] for row in top_candidates(mean_probs(probs), k)]
 
 
-def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], controller: dict, settings,
+def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], gold_file_rows: pd.DataFrame | None,
+                    controller: dict, settings,
                     checkpoints: dict[str, str], exclude_ids: set[str], exclude_texts: set[str], run_dir: Path,
                     log: Callable[[str], None]) -> Reference:
     """The run's reference rows, asked of the controller (or read back from ``run_dir``).
 
     ``gold_check`` (with ``rows``) and ``gold_ids`` are the held-out gold check rows (empty without gold);
+    ``gold_file_rows`` the rows of ``voting.gold_file`` as the job read them (None without one);
     ``settings`` the job's :class:`ControllerSettings` (prompt, demonstrations), ``controller`` its config."""
     from labelwright.orchestrator.stages import ControllerStage
 
     size = spec.voting.reference_rows if spec.voting.route == "measured" else 0
     if size == 0:  # routing by the rule alone: the gold check rows (if any) still check the stages
         return Reference(gold_check, {}, set(gold_check.rows or []))
-    from_file = bool(spec.voting.gold_file)
+    from_file = gold_file_rows is not None
     gold = len(gold_check) > 0 or from_file
     if from_file:  # labelled rows of their own: the reference, and the check of every stage
-        from labelwright.orchestrator.bootstrap import read_gold_file
-
-        v = spec.voting
-        rows = read_gold_file(v.gold_file, text_column=v.gold_text_column, label_column=v.gold_label_column,
-                              labels=spec.label_names, what="gold file")
-        if rows.empty:
-            raise InputDataError(f"gold file {v.gold_file} has no row with a text; give labelled rows or drop "
-                                 "voting.gold_file (--gold-file)")
+        rows = gold_file_rows
         rows = rows.iloc[np.sort(np.random.default_rng(1).permutation(len(rows))[:size])].reset_index(drop=True)
         rows["id"] = [f"gold-file-{i}" for i in rows.index]
         gold_check = CheckSet(rows["text"].tolist(), rows["label"].tolist(), "gold", rows=None)
@@ -117,8 +131,8 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
         picked = pd.DataFrame({"row": [gold_check.rows[i] for i in order], "id": [gold_ids[i] for i in order],
                                "text": [gold_check.texts[i] for i in order]})
     else:
-        picked = _random_rows(staged, size=size, exclude_ids=exclude_ids, exclude_texts=exclude_texts, seed=1,
-                              max_share=MAX_AUDIT_SHARE)
+        picked = random_input_rows(staged, size=size, exclude_ids=exclude_ids, exclude_texts=exclude_texts, seed=1,
+                                   max_share=MAX_AUDIT_SHARE)
         if len(picked) < spec.stages.min_check_rows:
             log(f"reference: the input has too few rows for an audit ({len(picked)} would be at most "
                 f"{MAX_AUDIT_SHARE:.0%} of them, fewer than stages.min_check_rows={spec.stages.min_check_rows}); "

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 import labelwright.orchestrator.learning as learning_mod
-from labelwright.orchestrator.learning import StagedLearning, StageGate, gold_check_set
+from labelwright.orchestrator.learning import StagedLearning, StageGate
+from labelwright.orchestrator.reference import gold_check_set
 from labelwright.orchestrator.spec import load_task
 from labelwright.training.stage import CheckSet, train_stage
 
