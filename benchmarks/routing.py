@@ -2,7 +2,7 @@
 demonstrations, as the pipeline asks a hard row), each specialist alone, the previous default (unanimity,
 no reference rows), and routing by measured correctness (``voting.route: measured``), over the default
 rule (unanimity) or the stacked rule (``voting.rule: stacked``), with gold reference rows and with an audit (no gold used for routing: the controller's answers on random rows are the
-reference). Accuracy and macro-F1 against gold, LLM share (rows the controller was asked about for any
+reference), and candidate annotation (``controller.mode: candidates``: sets, a student distilled from them). Accuracy and macro-F1 against gold, LLM share (rows the controller was asked about for any
 reason: reference rows and hard rows; the seed comes from the train split and is reported apart), LLM
 calls, and what the routing settled.
 
@@ -37,6 +37,7 @@ CONFIGS = {
     "routing + stacked, gold reference": {"voting": {"route": "measured", "rule": "stacked"}},
     "routing + stacked, audit reference": {"voting": {"route": "measured", "rule": "stacked"},
                                            "stages": {"check_rows": 0}},
+    "candidates mode, gold reference": {"voting": {"route": "measured"}, "controller": {"mode": "candidates"}},
 }
 
 
@@ -69,9 +70,10 @@ def run_config(name, extra, sample, work, labels, dataset, args) -> dict:
         "routing": [{k: f.get(k) for k in ("kind", "threshold", "rows", "settled_share", "accuracy",
                                            "controller_accuracy", "bound")} for f in fits],
         "stage_hard_share": [s.get("hard_share") for s in stages], "wall_s": report["wall_s"],
-        "controller": report["controller"], "seed": report["seed"],
+        "controller": report["controller"], "seed": report["seed"], "candidates": report.get("candidates"),
     }
-    print(json.dumps({k: result[k] for k in ("config", "dataset", "accuracy", "llm_share", "decided_by")}), flush=True)
+    print(json.dumps({k: result[k] for k in ("config", "dataset", "accuracy", "llm_share", "decided_by", "candidates")}),
+          flush=True)
     if not args.skip_alone and not (work / "alone.json").is_file():
         _alone(work, name, df, labels, task, report, args)
     return result
@@ -104,14 +106,18 @@ def _alone(work: Path, name: str, df, labels, task, report, args) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| dataset | configuration | rows | accuracy | macro-F1 | LLM share | LLM calls | reference rows | "
-             "settled by the specialists (accuracy) |", "|---|---|---|---|---|---|---|---|---|"]
+             "settled by the specialists (accuracy) | candidate sets: size, coverage, first label / final accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = r.get("reference") or {}
         cons = (r.get("accuracy_by_decided_by") or {}).get("consensus")
         settled = "" if cons is None else f"{cons['rows']} ({cons['accuracy']:.3f})"
         asked = f"{ref.get('asked', 0)} {ref.get('source', '')}" if ref.get("asked") else ""
+        c = r.get("candidates") or {}
+        sets = (f"{c['mean_size']:.2f}, {c['coverage']:.1%}, {c['single_label_accuracy']:.3f} / "
+                f"{c['student_accuracy']:.3f}" if c.get("coverage") is not None else "")
         lines.append(f"| {r['dataset']} | {r['config']} | {r['rows']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
-                     f"{r['llm_share']:.0%} | {r['llm_calls']} | {asked} | {settled} |")
+                     f"{r['llm_share']:.0%} | {r['llm_calls']} | {asked} | {settled} | {sets} |")
     return "\n".join(lines)
 
 

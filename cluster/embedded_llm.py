@@ -12,7 +12,9 @@ Three separate pieces, as in ``ray.serve.llm``:
    (``labelwright llm``).
 
 A ``response_format`` that is a JSON schema with one string property restricted by an ``enum`` is answered
-by the engine's constrained choice, ``{"<field>": "<label>"}``; anything else by greedy generation.
+by the engine's constrained choice, ``{"<field>": "<label>"}``; one whose property is an array of such
+strings (a candidate set) by the labels within ``candidate_margin`` (natural log) of the most likely first
+item, ``{"<field>": ["<label>", ...]}``; anything else by greedy generation.
 """
 
 import asyncio
@@ -20,8 +22,9 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,6 +34,8 @@ from labelwright.specialists.llm_engine import Engine, LocalLLMEngine, TokenLogp
 APP_NAME = "labelwright-embedded-llm"
 ROUTE_PREFIX = "/labelwright-llm"
 MAX_TOP_LOGPROBS = 20
+# Labels at least e^-1.5 = 22% as likely as the best join its candidate set (set size and coverage: benchmarks/routing.py).
+DEFAULT_CANDIDATE_MARGIN = 1.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,8 +81,18 @@ def _error(status: int, message: str, *, param: str | None = None, kind: str = "
     )
 
 
-def parse_enum_schema(response_format: dict[str, Any] | None) -> tuple[str, list[str]] | None:
-    """``(field, allowed)`` for a one-field string-enum JSON schema, None for no/``text`` format.
+class EnumSchema(NamedTuple):
+    """The one constrained field of a response format: its name, the allowed labels, and for an array of
+    labels (a candidate set) the most items it may hold (None: a single label)."""
+
+    field: str
+    allowed: list[str]
+    max_items: int | None = None
+
+
+def parse_enum_schema(response_format: dict[str, Any] | None) -> EnumSchema | None:
+    """The constrained field of a one-field schema (a string enum, or an array of string-enum items), None
+    for no/``text`` format.
 
     Raises ``_BadRequest`` (400) for any other response format or schema.
     """
@@ -91,7 +106,8 @@ def parse_enum_schema(response_format: dict[str, Any] | None) -> tuple[str, list
         )
     schema = (response_format.get("json_schema") or {}).get("schema")
     hint = ('the embedded LLM supports only {"type": "object", "properties": {"<field>": {"type": "string", '
-            '"enum": [...]}}, "required": ["<field>"]}')
+            '"enum": [...]}}, "required": ["<field>"]}, or a "<field>" of {"type": "array", "items": '
+            '{"type": "string", "enum": [...]}}')
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise _BadRequest(f"unsupported json_schema: {hint}", "response_format.json_schema.schema")
     props = schema.get("properties")
@@ -99,17 +115,32 @@ def parse_enum_schema(response_format: dict[str, Any] | None) -> tuple[str, list
         raise _BadRequest(f"unsupported json_schema (need exactly one property): {hint}",
                           "response_format.json_schema.schema.properties")
     ((field, prop),) = props.items()
+    where = f"response_format.json_schema.schema.properties.{field}"
+    max_items = None
+    is_array = isinstance(prop, dict) and prop.get("type") == "array"
+    if is_array:
+        max_items = prop.get("maxItems")
+        if max_items is not None and (not isinstance(max_items, int) or max_items < 1):
+            raise _BadRequest(f"maxItems of property {field!r} must be a positive integer", f"{where}.maxItems")
+        prop, where = prop.get("items"), f"{where}.items"
     if not isinstance(prop, dict) or prop.get("type", "string") != "string" or "enum" not in prop:
-        raise _BadRequest(f"unsupported json_schema (property {field!r} must be a string enum): {hint}",
-                          f"response_format.json_schema.schema.properties.{field}")
+        raise _BadRequest(f"unsupported json_schema (property {field!r} must be a string enum): {hint}", where)
     allowed = prop["enum"]
     if not isinstance(allowed, list) or not allowed or not all(isinstance(v, str) and v for v in allowed):
-        raise _BadRequest(f"enum of property {field!r} must be a non-empty list of non-empty strings",
-                          f"response_format.json_schema.schema.properties.{field}.enum")
+        raise _BadRequest(f"enum of property {field!r} must be a non-empty list of non-empty strings", f"{where}.enum")
     if len(set(allowed)) != len(allowed):
-        raise _BadRequest(f"enum of property {field!r} has duplicate labels",
-                          f"response_format.json_schema.schema.properties.{field}.enum")
-    return field, allowed
+        raise _BadRequest(f"enum of property {field!r} has duplicate labels", f"{where}.enum")
+    if is_array and max_items is None:
+        max_items = len(allowed)
+    return EnumSchema(field, allowed, max_items)
+
+
+def candidate_set(allowed: Sequence[str], scores: Sequence[float], *, margin: float, max_items: int) -> list[str]:
+    """The labels whose log-probability is within ``margin`` of the best one's, most likely first, at most
+    ``max_items`` (never empty)."""
+    order = sorted(range(len(allowed)), key=lambda i: -scores[i])
+    best = scores[order[0]]
+    return [allowed[i] for i in order if scores[i] >= best - margin][:max_items]
 
 
 def _logprobs_content(entries: list[TokenLogprob], top_n: int) -> list[dict[str, Any]]:
@@ -126,8 +157,12 @@ def _logprobs_content(entries: list[TokenLogprob], top_n: int) -> list[dict[str,
     ]
 
 
-def build_openai_app(engine: Engine, *, default_max_tokens: int = 256):
-    """A FastAPI app serving ``GET /v1/models`` and ``POST /v1/chat/completions`` from ``engine``."""
+def build_openai_app(engine: Engine, *, default_max_tokens: int = 256,
+                     candidate_margin: float = DEFAULT_CANDIDATE_MARGIN):
+    """A FastAPI app serving ``GET /v1/models`` and ``POST /v1/chat/completions`` from ``engine``.
+
+    A response format asking for an array of labels (a candidate set) is answered with the labels whose
+    log-probability as the list's first item is within ``candidate_margin`` of the best's."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
 
@@ -170,8 +205,15 @@ def build_openai_app(engine: Engine, *, default_max_tokens: int = 256):
 
         cancel = threading.Event()
         try:
-            if constrained is not None:
-                field, allowed = constrained
+            if constrained is not None and constrained.max_items is not None:
+                field, allowed, max_items = constrained
+                result = await asyncio.to_thread(partial(engine.choose, array=True), req.messages, field, allowed,
+                                                 cancel)
+                content = json.dumps({field: candidate_set(allowed, result.scores, margin=candidate_margin,
+                                                           max_items=max_items)})
+                finish = "stop"
+            elif constrained is not None:
+                field, allowed, _ = constrained
                 result = await asyncio.to_thread(engine.choose, req.messages, field, allowed, cancel)
                 content = json.dumps({field: result.label})
                 finish = "stop"
@@ -234,6 +276,8 @@ class EmbeddedLLMConfig(BaseModel):
     # (measured here: 2 threads on a busy 2-core box ran 5-10x slower than 1).
     torch_threads: int | None = Field(default=None, ge=1)
     cache_dir: str | None = None  # None: $LABELWRIGHT_CACHE or ~/.cache/labelwright
+    # A candidate-set request gets the labels whose log-probability is within this of the best's.
+    candidate_margin: float = Field(default=DEFAULT_CANDIDATE_MARGIN, ge=0.0)
     startup_timeout_s: float = Field(default=600.0, gt=0)
     app_name: str = APP_NAME
     route_prefix: str = ROUTE_PREFIX
@@ -273,10 +317,11 @@ def build_embedded_llm_app(config: EmbeddedLLMConfig, *, engine_factory: EngineF
             import torch
 
             torch.set_num_threads(cfg.threads)
+            self._cfg = cfg
             self._engine = make_engine(cfg)
 
         def __serve_build_asgi_app__(self):
-            return build_openai_app(self._engine)
+            return build_openai_app(self._engine, candidate_margin=self._cfg.candidate_margin)
 
     deployment = serve.deployment(
         EmbeddedLLMServer,
@@ -359,7 +404,8 @@ def serve_foreground(config: EmbeddedLLMConfig, *, engine_factory: EngineFactory
             raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); pass a free --port")
     torch.set_num_threads(config.threads)
     engine = (engine_factory or default_engine_factory)(config)
-    server = uvicorn.Server(uvicorn.Config(build_openai_app(engine), host=config.host, port=config.port,
+    app = build_openai_app(engine, candidate_margin=config.candidate_margin)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level="warning", access_log=False))
     base_url = f"http://{_url_host(config.host)}:{config.port}/v1"
 

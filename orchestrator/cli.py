@@ -31,6 +31,10 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--llm", help="embedded LLM model: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct or a path")
     p.add_argument("--llm-backend", choices=["auto", "bfloat16", "float32"],
                    help="how the embedded LLM runs: auto (default) is bfloat16 where the CPU multiplies it natively")
+    p.add_argument("--controller-mode", choices=["label", "candidates"],
+                   help="label (default): one label a row; candidates: the controller names every plausible label "
+                        "when unsure and a student distilled from those sets decides between them")
+    p.add_argument("--max-candidates", type=int, help="most labels in a candidate set (3)")
     p.add_argument("--voting-rule", help="unanimity, majority, confidence_weighted or stacked")
     p.add_argument("--route", choices=["measured", "threshold"],
                    help="measured (default): settle rows only where reference rows show the specialists lose at "
@@ -95,6 +99,8 @@ def _llm_parser(sub) -> None:
     p.add_argument("--backend", default=None, choices=["auto", "bfloat16", "float32"],
                    help="auto (default): bfloat16 where the CPU multiplies it natively, else float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs of this machine)")
+    p.add_argument("--candidate-margin", type=float, default=None,
+                   help="a candidate-set request gets the labels within this natural-log margin of the best (1.5)")
 
 
 def _llm_command(args) -> None:
@@ -103,7 +109,7 @@ def _llm_command(args) -> None:
     from labelwright.cluster.embedded_llm import EmbeddedLLMConfig, serve_foreground
 
     given = {"model": args.model, "port": args.port, "host": args.host, "backend": args.backend,
-             "torch_threads": args.threads or os.cpu_count() or 1}
+             "torch_threads": args.threads or os.cpu_count() or 1, "candidate_margin": args.candidate_margin}
     config = EmbeddedLLMConfig(**{k: v for k, v in given.items() if v is not None})
     print(f"labelwright llm: loading {config.model} (backend {config.backend}, {config.threads} threads)",
           file=sys.stderr, flush=True)
@@ -125,7 +131,8 @@ def _overrides(a: argparse.Namespace) -> dict:
     o: dict = {
         "labels": a.labels, "text_column": a.text_column, "id_column": a.id_column, "gold_column": a.gold_column,
         "instruction": a.instruction,
-        "controller": {"base_url": a.base_url, "model": a.model},
+        "controller": {"base_url": a.base_url, "model": a.model, "mode": a.controller_mode,
+                       "max_candidates": a.max_candidates},
         "embedded_llm": {"model": a.llm, "backend": a.llm_backend},
         "voting": {"rule": a.voting_rule, "threshold": a.threshold, "target_accuracy": a.target_accuracy,
                    "route": a.route, "max_loss": a.max_loss, "reference_rows": a.reference_rows,

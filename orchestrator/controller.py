@@ -53,6 +53,10 @@ class ControllerConfig(BaseModel):
     concurrency: int = Field(4, ge=1)  # max in-flight requests per Controller
     structured_output: Literal["json_schema", "json_object", "none"] = "json_schema"
     use_logprobs: bool = True
+    # label: one label per row. candidates: a set of 1 to max_candidates plausible labels, most likely
+    # first (CanDist); the first is the row's label until a distilled student decides between them.
+    mode: Literal["label", "candidates"] = "label"
+    max_candidates: int = Field(3, ge=2)
     num_demonstrations: int = Field(4, ge=0)
     max_choices: int = Field(12, ge=1)
     max_text_chars: int = Field(4000, ge=1)
@@ -91,6 +95,7 @@ class ControllerAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: str | None  # None = unresolved
+    candidates: list[str] | None = None  # candidates mode: the set, most likely first (label is its first)
     confidence: float | None  # from logprobs when the endpoint gives them
     raw: str | None  # raw content of the last answer
     reason: str | None  # why unresolved, or a note (for example: the text was truncated)
@@ -315,6 +320,7 @@ class Controller:
         if problem:
             return self._unresolved(problem, None, tally)
         demos = list(demonstrations)[: cfg.num_demonstrations]
+        most = min(cfg.max_candidates, len(offered)) if cfg.mode == "candidates" else None
         messages, truncated = prompts.build_messages(
             text,
             instruction=self.instruction,
@@ -322,9 +328,17 @@ class Controller:
             descriptions=self.descriptions,
             demonstrations=demos,
             max_text_chars=cfg.max_text_chars,
+            max_candidates=most,
         )
         note = f"text truncated to {cfg.max_text_chars} of {len(text)} characters in the prompt" if truncated else None
-        fmt = prompts.response_format(cfg.structured_output, offered)
+        fmt = prompts.response_format(cfg.structured_output, offered, max_candidates=most)
+
+        def parse(content: str | None) -> tuple[list[str] | None, str | None]:
+            if most is None:
+                label, problem = prompts.parse_answer(content, offered)
+                return ([label] if label is not None else None), problem
+            return prompts.parse_candidates(content, offered, max_candidates=most)
+
         params = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "logprobs": cfg.use_logprobs}
 
         key = None
@@ -335,6 +349,7 @@ class Controller:
                 self._meter.add_cache_hit()
                 return ControllerAnswer(
                     label=hit["label"],
+                    candidates=hit.get("candidates"),
                     confidence=hit.get("confidence"),
                     raw=hit.get("raw"),
                     reason=hit.get("note"),
@@ -347,29 +362,34 @@ class Controller:
             answer.endpoint_down = error.startswith(_GAVE_UP)
             return answer
         content, tokens = _content_and_tokens(completion)
-        label, problem = prompts.parse_answer(content, offered)
-        if label is None:
+        chosen, problem = parse(content)
+        if chosen is None:
             first_problem = problem
-            messages = messages + prompts.repair_messages(content or "", problem or "", labels=offered)
+            messages = messages + prompts.repair_messages(content or "", problem or "", labels=offered,
+                                                          max_candidates=most)
             completion, error = self._request(messages, fmt, tally)
             if error:
                 return self._unresolved(
                     f"first answer invalid ({first_problem}); the repair request failed: {error}", content, tally, note
                 )
             content, tokens = _content_and_tokens(completion)
-            label, problem = prompts.parse_answer(content, offered)
-            if label is None:
+            chosen, problem = parse(content)
+            if chosen is None:
                 return self._unresolved(
                     f"no valid label after one repair round: {problem}; allowed labels were {offered}",
                     content,
                     tally,
                     note,
                 )
+        label = chosen[0]
+        candidates = chosen if most is not None else None
         confidence = label_confidence(tokens, content or "", label) if cfg.use_logprobs else None
         if key is not None and self._cache is not None:
-            self._cache.put(key, {"label": label, "confidence": confidence, "raw": content, "note": note})
+            self._cache.put(key, {"label": label, "candidates": candidates, "confidence": confidence, "raw": content,
+                                  "note": note})
         return ControllerAnswer(
             label=label,
+            candidates=candidates,
             confidence=confidence,
             raw=content,
             reason=note,

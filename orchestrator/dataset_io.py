@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ from labelwright.specialists.errors import InputDataError
 RESERVED = {
     "row", "id", "text", "gold", "note", "skip_reason", "shard", "label", "decided_by", "reason",
     "confidence", "specialists_label", "controller_answer", "controller_confidence", "prompt_tokens",
-    "completion_tokens", "llm_calls", "cached", "seed",
+    "completion_tokens", "llm_calls", "cached", "seed", "reference", "candidates", "stage",
 }
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _CHUNK_ROWS = 10_000
@@ -332,12 +333,33 @@ def _stage_chunk(table, file, first_row, text_column, id_column, gold_column, al
 # ---------------------------------------------------------------- output
 
 
+def _plain_lists(df: pd.DataFrame, *, as_json: bool) -> pd.DataFrame:
+    """List columns as plain Python lists (Ray Data hands them over as Arrow-backed columns, whose pandas
+    metadata pandas cannot read back from Parquet), or as JSON text."""
+    lists = [c for c in df.columns if isinstance(df[c].dtype, pd.ArrowDtype) and pa.types.is_list(df[c].dtype.pyarrow_dtype)]
+    lists += [c for c in df.columns if df[c].dtype == object and c not in lists
+              and df[c].map(lambda v: isinstance(v, (list, np.ndarray))).any()]
+    if not lists:
+        return df
+    df = df.copy()
+    for c in lists:
+        plain = [v.tolist() if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else None
+                 for v in df[c].astype(object)]
+        df[c] = pd.Series([json.dumps(v) if as_json and v is not None else v for v in plain], index=df.index,
+                          dtype=object)
+    return df
+
+
 def write_frame(df: pd.DataFrame, path: str | Path, fmt: str | None = None) -> Path:
-    """Write ``df`` as Parquet, CSV or JSONL (from ``fmt`` or the file suffix), atomically."""
+    """Write ``df`` as Parquet, CSV or JSONL (from ``fmt`` or the file suffix), atomically.
+
+    Columns of lists (the candidate sets) stay lists in Parquet and JSONL, and are JSON arrays in CSV
+    (``json.loads`` reads them back)."""
     path = Path(path)
     fmt = fmt or FORMATS.get(path.suffix.lower(), "parquet")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    df = _plain_lists(df, as_json=fmt == "csv")
     if fmt == "parquet":
         df.to_parquet(tmp, index=False)
     elif fmt == "csv":

@@ -68,7 +68,7 @@ def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
 EMBEDDED_TIMEOUT_S = 600.0
 
 OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
-OUTPUT_BACK = ["stage", "recheck_label", "controller_answer", "controller_confidence", "prompt_tokens",
+OUTPUT_BACK = ["stage", "recheck_label", "controller_answer", "controller_confidence", "candidates", "prompt_tokens",
                "completion_tokens", "llm_calls", "cached", "seed", "reference", "note"]
 
 
@@ -234,7 +234,7 @@ def annotate(
         return _label_and_report(
             spec, staged, endpoints, seed, controller_cfg, learning, reference,
             run_dir=run_dir, output=output, output_format=output_format, report_path=report_path,
-            timings=timings, t0=t0, log=log, plan=planned.record() if planned is not None else None,
+            timings=timings, t0=t0, log=log, plan=planned.record() if planned is not None else None, gpu=gpu,
         )
     finally:
         learning.finish()
@@ -381,7 +381,7 @@ def _staged_learning(spec, staged, seed, checkpoints, reference, *, run_dir, tra
 
 
 def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, reference, *, run_dir, output,
-                      output_format, report_path, timings, t0, log, plan=None) -> dict:
+                      output_format, report_path, timings, t0, log, plan=None, gpu: bool = False) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -436,6 +436,13 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
         raise InputDataError(f"internal check failed: {len(df)} output rows for {staged.n_rows} input rows")
     df["stage"] = learning.row_stages(df, names)
     stages_report = learning.report(df)
+    extra = {}
+    if spec.controller.mode == "candidates":
+        from labelwright.orchestrator.candidates import decide_with_student
+
+        t = time.monotonic()
+        df, extra["candidates"] = decide_with_student(df, spec, run_dir=run_dir, gpu=gpu, log=log)
+        timings["distill"] = time.monotonic() - t
     if spec.stages.recheck:
         df, stages_report["recheck"] = _recheck(df, vote, learning.stage, spec.runtime.vote_batch_size, log,
                                                 gate=learning.gate)
@@ -452,7 +459,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                "reference": reference.usage(),
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
-               "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan},
+               "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan, **extra},
     )
     from labelwright.orchestrator.report import plot_stages
 

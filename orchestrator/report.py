@@ -142,6 +142,20 @@ def summary(report: dict) -> str:
         where = "in the LLM share above" if ref.get("in_input", True) else "not counted above: not input rows"
         lines.append(f"reference: {ref['asked']} {ref['source']} rows asked of the controller up front to measure "
                      f"routing on ({ref['llm_calls']} LLM calls, {where})")
+    cand = report.get("candidates")
+    if cand and cand.get("rows"):
+        text = (f"candidates: {cand['rows']} rows answered with a set, {cand['mean_size']:.2f} labels on average, "
+                f"{cand['singleton_share']:.0%} with one")
+        student = cand.get("student") or {}
+        if student.get("rows_decided"):
+            text += f"; student {student['name']} decided {student['rows_decided']} rows with several"
+        elif student.get("note"):
+            text += f"; {student['note']}"
+        lines.append(text)
+        if cand.get("coverage") is not None:
+            lines.append(f"  on {cand['gold_rows']} gold rows: the set holds the true label {cand['coverage']:.1%}, the "
+                         f"controller's first label is right {cand['single_label_accuracy']:.3f}, the final labels "
+                         f"{cand['student_accuracy']:.3f}")
     stages = (report.get("stages") or {}).get("stages") or []
     fits = [(r["stage"], r["check"]["gate"]) for r in stages if (r.get("check") or {}).get("gate")]
     if fits and fits[-1][1].get("kind") == "route":

@@ -18,6 +18,7 @@ from labelwright.orchestrator.voting import RULES
 from labelwright.specialists.base import SpecialistConfig
 from labelwright.specialists.config_files import error_lines, read_config_file
 from labelwright.specialists.errors import ConfigError
+from labelwright.training.distill import Refinery
 
 
 class _Strict(BaseModel):
@@ -144,6 +145,23 @@ class PlanningConfig(_Strict):
         return self
 
 
+class DistillConfig(_Strict):
+    """The student of candidate annotation (``controller.mode: candidates``), distilled on Ray Train."""
+
+    student: SpecialistConfig = Field(
+        default_factory=lambda: SpecialistConfig(name="student", kind="transformer_classifier"))
+    refinery: Refinery = Field(default_factory=Refinery)
+    min_rows: int = Field(default=32, ge=1)  # fewer settled rows: no student; the first candidate stands
+
+    @field_validator("student")
+    @classmethod
+    def _trainable(cls, value: SpecialistConfig) -> SpecialistConfig:
+        if value.kind != "transformer_classifier":
+            raise ValueError(f"the student is distilled with a neural training loop; kind {value.kind!r} cannot be: "
+                             "give kind: transformer_classifier")
+        return value
+
+
 def _default_specialists() -> list[SpecialistConfig]:
     return [
         SpecialistConfig(name="tfidf", kind="tfidf_linear"),
@@ -166,6 +184,7 @@ class TaskSpec(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     planning: PlanningConfig = Field(default_factory=PlanningConfig)
     embedded_llm: EmbeddedLLMConfig = Field(default_factory=EmbeddedLLMConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("labels", mode="before")

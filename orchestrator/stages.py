@@ -35,7 +35,7 @@ def vote_columns(names: Sequence[str]) -> list[str]:
     cols = []
     for n in names:
         cols += [f"vote_{n}", f"prob_{n}", f"version_{n}"]
-    return cols + ["specialists_label", "vote_confidence", "hard", "candidates"]
+    return cols + ["specialists_label", "vote_confidence", "hard", "shortlist"]
 
 
 class VoteStage:
@@ -75,7 +75,7 @@ class VoteStage:
                 out["specialists_label"][i] = labels[votes.leading[j]]
                 out["vote_confidence"][i] = float(votes.confidence[j])
                 out["hard"][i] = bool(votes.hard[j])
-                out["candidates"][i] = [labels[c] for c in cands[j]]
+                out["shortlist"][i] = [labels[c] for c in cands[j]]
         for c, values in out.items():
             batch[c] = values
         return batch
@@ -109,7 +109,7 @@ class ControllerSettings:
 
 
 RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_answer", "controller_confidence",
-                  "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed", "reference"]
+                  "candidates", "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed", "reference"]
 
 
 class ControllerStage:
@@ -166,7 +166,7 @@ class ControllerStage:
             self._ask(batch, ask, res)
         for c, values in res.items():
             batch[c] = values
-        return batch.drop(columns=["hard", "candidates", "vote_confidence"])
+        return batch.drop(columns=["hard", "shortlist", "vote_confidence"])
 
     def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
         # Work in slices so the budget is checked between them (bounded overshoot: one slice).
@@ -182,7 +182,7 @@ class ControllerStage:
             texts = [batch.at[i, "text"] for i in part]
             demos = self.demonstrations(texts)
             many = len(self.s.labels) > self.config.max_choices
-            choices = [list(batch.at[i, "candidates"]) for i in part] if many else None
+            choices = [list(batch.at[i, "shortlist"]) for i in part] if many else None
             answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
             self._check_endpoint_alive(answers)
             for i, a in zip(part, answers):
@@ -221,6 +221,7 @@ class ControllerStage:
         res["reason"][i] = a.get("reason")
         res["controller_answer"][i] = a.get("raw")
         res["controller_confidence"][i] = a.get("confidence")
+        res["candidates"][i] = list(a["candidates"]) if a.get("candidates") else None
         res["confidence"][i] = a.get("confidence")
         res["prompt_tokens"][i] = int(a.get("prompt_tokens") or 0)
         res["completion_tokens"][i] = int(a.get("completion_tokens") or 0)

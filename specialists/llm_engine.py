@@ -38,12 +38,14 @@ class TokenLogprob(NamedTuple):
 
 
 class ChoiceResult(NamedTuple):
-    """A constrained choice; ``logprobs`` covers every token of ``{"<field>": "<label>"}``."""
+    """A constrained choice; ``logprobs`` covers every token of ``{"<field>": "<label>"}``; ``scores``, where
+    the engine gives them, holds log p(label | one of the allowed) for every allowed label, in their order."""
 
     label: str
     logprobs: list[TokenLogprob]
     prompt_tokens: int
     completion_tokens: int
+    scores: list[float] | None = None
 
 
 class Generation(NamedTuple):
@@ -63,6 +65,8 @@ class Engine(Protocol):
 
     def choose(self, messages: list[dict], field: str, allowed: list[str],
                cancel: threading.Event | None = None) -> ChoiceResult: ...
+    # An engine that can score the first item of a JSON array (``{"<field>": ["<label>"``) also takes
+    # ``array=True``; the endpoint answers candidate sets with it.
 
     def generate(self, messages: list[dict], max_tokens: int, cancel: threading.Event | None = None) -> Generation: ...
 
@@ -212,9 +216,10 @@ def served_name(model: str, precision: str) -> str:
     return f"{model}@{precision}"
 
 
-def answer_prefix(field: str) -> str:
-    """The text of the JSON answer up to the opening quote of the value: ``{"<field>": "``."""
-    return json.dumps({field: ""})[:-2]
+def answer_prefix(field: str, *, array: bool = False) -> str:
+    """The text of the JSON answer up to the opening quote of the value: ``{"<field>": "``, or of the
+    array's first item, ``{"<field>": ["``."""
+    return json.dumps({field: [""] if array else ""})[: -3 if array else -2]
 
 
 class LocalLLMEngine:
@@ -265,16 +270,18 @@ class LocalLLMEngine:
 
     # -- constrained choice ----------------------------------------------------------------------
     def _score_labels(self, messages: list[dict], field: str, labels: list[str],
-                      cancel: threading.Event | None = None) -> "_LabelPass":
-        """The model's log-probs of each ``<label>"}`` after the prompt and ``{"<field>": "``: one pass over
+                      cancel: threading.Event | None = None, *, array: bool = False) -> "_LabelPass":
+        """The model's log-probs of each ``<label>"}`` after the prompt and ``{"<field>": "`` (with ``array``,
+        of each ``<label>"`` after ``{"<field>": ["``, the first item of a list): one pass over
         the prompt, then one pass over the labels' token tree (:func:`label_tree`) on the prompt's cached
         keys/values, each tree position seeing the prompt and its own ancestors only."""
         import torch
 
         prompt_ids = self._encode(self._prompt_text(messages))
-        prefix_ids = self._encode(answer_prefix(field))
-        # Continuation of each label as it appears in json.dumps output, closing quote and brace included.
-        conts = [self._encode(json.dumps(label)[1:-1] + '"}') for label in labels]
+        prefix_ids = self._encode(answer_prefix(field, array=array))
+        # Continuation of each label as it appears in json.dumps output, closing quote (and brace) included.
+        close = '"' if array else '"}'
+        conts = [self._encode(json.dumps(label)[1:-1] + close) for label in labels]
         if len({tuple(c) for c in conts}) != len(conts):
             raise ValueError("two allowed labels have the same tokens")
         tokens, parents, index = label_tree(conts)
@@ -351,13 +358,16 @@ class LocalLLMEngine:
         return totals
 
     def choose(self, messages: list[dict], field: str, allowed: list[str],
-               cancel: threading.Event | None = None) -> ChoiceResult:
+               cancel: threading.Event | None = None, *, array: bool = False) -> ChoiceResult:
+        """The most likely allowed label (``array``: as the first item of a JSON list), its tokens' log-probs
+        with the alternatives at each step, and every allowed label's conditioned log-prob (``scores``)."""
         import torch
 
         if not allowed:
             raise ValueError("allowed labels are empty")
         labels = list(dict.fromkeys(allowed))
-        prompt_ids, prefix_ids, conts, token_lps, dists = self._score_labels(messages, field, labels, cancel)
+        prompt_ids, prefix_ids, conts, token_lps, dists = self._score_labels(messages, field, labels, cancel,
+                                                                             array=array)
         totals, steps, mass = constrained_logprobs(conts, token_lps)
         best = max(range(len(labels)), key=lambda i: sum(token_lps[i]))
         # Alternatives at each step of the chosen path: the children of the node, conditioned.
@@ -377,7 +387,7 @@ class LocalLLMEngine:
         entries += [
             TokenLogprob(self._token_text(t), lp, top) for t, lp, top in zip(chosen, steps[best], tops)
         ]
-        return ChoiceResult(labels[best], entries, len(prompt_ids), len(prefix_ids) + len(chosen))
+        return ChoiceResult(labels[best], entries, len(prompt_ids), len(prefix_ids) + len(chosen), totals)
 
     # -- free generation -------------------------------------------------------------------------
     def generate(self, messages: list[dict], max_tokens: int, cancel: threading.Event | None = None) -> Generation:

@@ -147,6 +147,13 @@ def shard_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int) 
     return padded[rank::world_size]
 
 
+def _all_reduced(t: torch.Tensor, device) -> torch.Tensor:
+    """The sum of ``t`` over every rank, back on the CPU (NCCL reduces only tensors on the GPU)."""
+    t = t.to(device)
+    torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
 def train_loop(
     spec: TransformerClassifierSpecialist,
     texts: Sequence[str],
@@ -160,17 +167,34 @@ def train_loop(
     world_size: int = 1,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    candidate_mask: np.ndarray | None = None,
+    refine: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[float]:
     """Train ``spec.module`` in place on label indices ``y``; return the mean loss of each epoch.
 
     ``wrap_model`` (e.g. ``ray.train.torch.prepare_model``) wraps the module for data-parallel work;
     ``on_epoch(epoch, loss)`` is called after every epoch on every rank. The specialist's version is
     refreshed at the end.
+
+    With ``candidate_mask`` (rows x labels, True where a label is in the row's candidate set) the targets are
+    distributions instead of ``y``: uniform over each set in the first epoch, then ``refine(probs, mask) ->
+    (targets, keep)`` of the model's own predictions in the epoch before (every rank's rows, averaged), with
+    the rows ``keep`` is False for left out of that epoch (soft cross-entropy).
     """
     epochs = spec.epochs if epochs is None else epochs
     lr = spec.lr if lr is None else lr
     y = np.asarray(y, dtype=np.int64)
     w = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+    soft = None
+    if candidate_mask is not None:
+        mask = np.asarray(candidate_mask, dtype=bool)
+        if mask.shape != (len(texts), len(spec.labels)) or not mask.any(axis=1).all():
+            raise SpecialistError(
+                f"specialist {spec.name!r}: candidate_mask must be rows x labels ({len(texts)} x {len(spec.labels)}) "
+                "with at least one candidate a row"
+            )
+        soft = mask / mask.sum(axis=1, keepdims=True)  # the first epoch: uniform over each set
+        keep = np.ones(len(texts), bool)
     if len(texts) == 0:
         raise SpecialistError(f"specialist {spec.name!r}: the training set is empty; give at least one row")
     torch.manual_seed(seed + rank)
@@ -197,13 +221,21 @@ def train_loop(
         model.train()
         idx = shard_indices(len(texts), epoch=epoch, seed=seed, rank=rank, world_size=world_size)
         loss_sum = torch.zeros(2, dtype=torch.float64)
+        if soft is not None:
+            seen = torch.zeros(len(texts), len(spec.labels) + 1, dtype=torch.float64)  # summed probs, count
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
             batch = spec.tokenize([texts[i] for i in rows]).to(device)
-            target = torch.as_tensor(y[rows], device=device)
             weight = torch.as_tensor(w[rows], device=device)
             logits = model(batch["input_ids"], batch["attention_mask"])
-            per_row = F.cross_entropy(logits, target, reduction="none")
+            if soft is None:
+                per_row = F.cross_entropy(logits, torch.as_tensor(y[rows], device=device), reduction="none")
+            else:
+                target = torch.as_tensor(soft[rows], dtype=logits.dtype, device=device)
+                per_row = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+                weight = weight * torch.as_tensor(keep[rows], dtype=weight.dtype, device=device)
+                probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+                seen.index_add_(0, torch.as_tensor(rows), torch.cat([probs, torch.ones(len(rows), 1, dtype=torch.float64)], 1))
             loss = (per_row * weight).sum() / weight.sum().clamp(min=1e-8)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,7 +244,16 @@ def train_loop(
             scheduler.step()
             loss_sum += torch.tensor([float(per_row.detach().sum()), len(rows)], dtype=torch.float64)
         if distributed:
-            torch.distributed.all_reduce(loss_sum)
+            loss_sum = _all_reduced(loss_sum, device)
+        if soft is not None and refine is not None and epoch + 1 < epochs:
+            if distributed:
+                seen = _all_reduced(seen, device)
+            probs = (seen[:, :-1] / seen[:, -1:].clamp(min=1)).numpy()
+            unseen = seen[:, -1].numpy() == 0  # a rank count that did not divide: kept as they were
+            probs[unseen] = soft[unseen]
+            soft, keep = refine(probs, mask)
+            soft = np.asarray(soft, dtype=np.float64)
+            keep = np.asarray(keep, dtype=bool)
         epoch_loss = float(loss_sum[0] / loss_sum[1])
         losses.append(epoch_loss)
         if on_epoch is not None:

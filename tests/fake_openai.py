@@ -13,7 +13,7 @@ Behaviour comes from a ``responder(request_json) -> reply`` hook. A reply is one
 - :class:`HTTPError`: an error status with an OpenAI-style error body;
 - ``dict``: a complete JSON body, sent as is with status 200.
 
-Ready-made responders: :func:`oracle`, :func:`constant`, :func:`out_of_set`, :func:`garbage`,
+Ready-made responders: :func:`oracle`, :func:`candidate_oracle`, :func:`constant`, :func:`out_of_set`, :func:`garbage`,
 :func:`fail_first`, :func:`slow`, :func:`script`. The server records every chat request (``requests``) and
 the largest number of chat requests in flight at once (``max_in_flight``).
 
@@ -87,6 +87,22 @@ def oracle(mapping: Mapping[str, str], *, default: str | None = None) -> Respond
         if default is not None:
             return label_reply(default)
         return HTTPError(400, f"fake oracle has no label for text {text!r}")
+
+    return respond
+
+
+def candidate_oracle(sets: Mapping[str, list[str]]) -> Responder:
+    """Answers the candidate set ``sets`` gives the fenced text (``{"labels": [...]}`` as sent, so a test can
+    send empty, duplicated, unknown or too many labels); a text not in it gets an HTTP 400."""
+
+    def respond(request: dict) -> Reply:
+        text = last_fenced_text(request)
+        if text in sets:
+            return json.dumps({"labels": sets[text]})
+        for key, labels in sets.items():  # a truncated text matches by prefix
+            if text and key.startswith(text):
+                return json.dumps({"labels": labels})
+        return HTTPError(400, f"fake candidate oracle has no set for text {text!r}")
 
     return respond
 

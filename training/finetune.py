@@ -25,6 +25,12 @@ from labelwright.specialists.transformer_classifier import TransformerClassifier
 
 def _ray_train_func(loop_config: dict) -> None:
     """Per-worker entry point for ``TorchTrainer``."""
+    worker_loop(loop_config)
+
+
+def worker_loop(loop_config: dict, **loop_kwargs) -> None:
+    """One Ray Train worker: build the specialist, run its ``train_loop`` on this rank's share (with
+    ``loop_kwargs``, say a candidate mask), report each epoch's loss, and have rank 0 save the checkpoint."""
     import ray.train
     import ray.train.torch
 
@@ -53,7 +59,7 @@ def _ray_train_func(loop_config: dict) -> None:
     train_loop(
         spec, loop_config["texts"], np.asarray(loop_config["y"]), np.asarray(loop_config["w"]),
         epochs=epochs, seed=loop_config["seed"], rank=rank, world_size=world_size,
-        wrap_model=_prepare_ddp, on_epoch=on_epoch,
+        wrap_model=_prepare_ddp, on_epoch=on_epoch, **loop_kwargs,
     )
 
 
@@ -92,9 +98,6 @@ def fine_tune_transformer(
     ``init_checkpoint`` continues from an earlier checkpoint (staged fine-tuning); head rows are
     matched by label name, so a task that gained a label keeps what was learnt for the others.
     """
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
-
     if config.kind != "transformer_classifier":
         raise SpecialistError(
             f"specialist {config.name!r} has kind {config.kind!r}; fine_tune_transformer trains only "
@@ -106,13 +109,29 @@ def fine_tune_transformer(
     y, w = encode_training_labels(texts, labels, sample_weight, task_labels=label_names, name=config.name)
     texts = clean_texts(texts, max_length=config.max_length, name=config.name)
 
-    name = f"finetune-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return run_trainer(
+        _ray_train_func, config,
+        {"label_names": list(label_names), "texts": texts, "y": y.tolist(), "w": w.tolist(), "seed": seed},
+        output_dir=output_dir, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
+        init_checkpoint=init_checkpoint, what="fine-tuning",
+    )
+
+
+def run_trainer(train_func, config: SpecialistConfig, loop_config: dict, *, output_dir: str, storage_path: str,
+                num_workers: int, use_gpu: bool, init_checkpoint: str | None, what: str) -> str:
+    """Run ``train_func`` on a ``TorchTrainer`` of ``num_workers`` and copy its final checkpoint to
+    ``output_dir`` (whole, then renamed: a kill never leaves half a checkpoint); return that path."""
+    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    if num_workers < 1:
+        raise SpecialistError(f"num_workers is {num_workers}; give at least 1")
+    name = f"{what.split()[0]}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(
-        _ray_train_func,
+        train_func,
         train_loop_config={
-            "config": config.model_dump(mode="json"), "label_names": list(label_names),
-            "texts": texts, "y": y.tolist(), "w": w.tolist(),
-            "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None, "seed": seed,
+            **loop_config, "config": config.model_dump(mode="json"),
+            "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.num_cpus}),
@@ -122,13 +141,13 @@ def fine_tune_transformer(
         result = trainer.fit()
     except TrainingFailedError as exc:
         raise SpecialistError(
-            f"fine-tuning specialist {config.name!r} failed on Ray Train ({exc}); the run's logs are under "
+            f"{what} specialist {config.name!r} failed on Ray Train ({exc}); the run's logs are under "
             f"{Path(storage_path) / name}"
         ) from exc
     if result.checkpoint is None:
-        raise SpecialistError(f"fine-tuning specialist {config.name!r} finished without a checkpoint under {result.path}")
+        raise SpecialistError(f"{what} specialist {config.name!r} finished without a checkpoint under {result.path}")
     out = Path(output_dir)
-    tmp = out.with_name(out.name + ".tmp")  # copied whole, then renamed: a kill never leaves half a checkpoint
+    tmp = out.with_name(out.name + ".tmp")
     with result.checkpoint.as_directory() as ckpt:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(ckpt, tmp)
@@ -136,4 +155,3 @@ def fine_tune_transformer(
         shutil.rmtree(out)
     tmp.rename(out)
     return str(out)
-

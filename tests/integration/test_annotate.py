@@ -14,7 +14,7 @@ from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.plan import load_plan
 from labelwright.orchestrator.spec import load_task
 from tests.conftest import movie_slice
-from tests.fake_openai import FakeOpenAI, HTTPError, garbage, http_error, oracle, script
+from tests.fake_openai import FakeOpenAI, HTTPError, candidate_oracle, garbage, http_error, oracle, script
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
 
@@ -328,3 +328,37 @@ def test_controller_plan_is_checked_on_the_seed_and_saved_next_to_the_output(ray
                        "specialists: [{zoo_id: tfidf}, {zoo_id: /etc/passwd}]\n")
         with pytest.raises(ConfigError, match="'/etc/passwd' is not in the zoo"):
             annotate(path, spec=spec, output=tmp_path / "o2.parquet", plan_path=bad, limit=60)
+
+
+def test_candidate_sets_distilled_into_a_student_on_ray_train_then_resume(ray_cluster, movie, tmp_path, tiny_bert):
+    """controller.mode: candidates against the fake endpoint: a third of the rows get a set whose first label
+    is wrong; the student (distilled on Ray Train) decides every row with several candidates, within its set."""
+    path, df = movie
+    labels = ["positive", "negative"]
+    sets = {t: ([g] if i % 3 else [next(x for x in labels if x != g), g]) for i, (t, g) in
+            enumerate(zip(df["text"], df["label"]))}
+    student = {"name": "student", "kind": "transformer_classifier", "model": tiny_bert, "max_length": 32,
+               "epochs": 3, "lr": 3e-3}
+    with FakeOpenAI(candidate_oracle(sets)) as server:
+        spec = spec_for(server, controller={"mode": "candidates"}, distill={"student": student, "min_rows": 10})
+        out = tmp_path / "out.parquet"
+        report = annotate(path, spec=spec, output=out)
+        res = pd.read_parquet(out)
+        calls = server.chat_calls
+        assert len(res) == len(df) and res["row"].is_unique
+        asked = res[res["candidates"].notna()]
+        several = asked[asked["candidates"].map(len) > 1]
+        assert len(several) > 0 and (several["decided_by"] == "student").all()
+        assert all(lab in set(c) for lab, c in zip(several["label"], several["candidates"]))
+        ones = asked[asked["candidates"].map(len) == 1]
+        assert (ones["decided_by"] == "controller").all() and (ones["label"] == ones["gold"]).all()
+        block = report["candidates"]
+        assert block["rows"] == len(asked) and block["coverage"] == 1.0
+        assert block["mean_size"] == pytest.approx(asked["candidates"].map(len).mean(), abs=1e-3)
+        assert block["single_label_accuracy"] < 1.0 and block["student"]["rows_decided"] == len(several)
+        assert block["student"]["train_rows"] == int(res["label"].notna().sum() - res["reference"].sum())
+
+        again = annotate(path, spec=spec, output=out)  # everything done: the student is reused, nobody asked
+        assert server.chat_calls == calls
+        pd.testing.assert_series_equal(pd.read_parquet(out)["label"], res["label"])
+        assert again["candidates"]["student"]["version"] == block["student"]["version"]

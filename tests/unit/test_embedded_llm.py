@@ -54,8 +54,8 @@ class FakeEngine:
     def __init__(self):
         self.calls = []
 
-    def choose(self, messages, field, allowed, cancel=None):
-        self.calls.append(("choose", field, list(allowed)))
+    def choose(self, messages, field, allowed, cancel=None, array=False):
+        self.calls.append(("choose", field, list(allowed)) + (("array",) if array else ()))
         text = messages[-1]["content"].lower()
         chunks = [[label[i : i + 3] for i in range(0, len(label), 3)] + ['"}'] for label in allowed]
         vocab = {}
@@ -66,7 +66,7 @@ class FakeEngine:
         ]
         counts = [text.count(label.lower()) for label in allowed]
         best = max(range(len(allowed)), key=lambda i: (counts[i], -i))
-        _, steps, mass = constrained_logprobs(seqs, lps)
+        totals, steps, mass = constrained_logprobs(seqs, lps)
         inverse = {v: k for k, v in vocab.items()}
         prefix = answer_prefix(field)
         scaffold = [TokenLogprob(prefix[:2], 0.0, [(prefix[:2], 0.0)]),
@@ -80,7 +80,7 @@ class FakeEngine:
             for j, (t, lp) in enumerate(zip(seqs[best], steps[best]))
         ]
         prompt_tokens = sum(len(m["content"].split()) for m in messages)
-        return ChoiceResult(allowed[best], scaffold + label_tokens, prompt_tokens, 2 + len(label_tokens))
+        return ChoiceResult(allowed[best], scaffold + label_tokens, prompt_tokens, 2 + len(label_tokens), totals)
 
     def generate(self, messages, max_tokens, cancel=None):
         self.calls.append(("generate", max_tokens))
@@ -177,6 +177,41 @@ def test_enum_schema_answer_is_valid_json_with_logprobs(client):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert body["usage"]["completion_tokens"] == len(entries)
     assert client.engine.calls[-1] == ("choose", "sentiment", SCHEMA_LABELS)
+
+
+def array_format(labels, field="labels", max_items=None):
+    prop = {"type": "array", "items": {"type": "string", "enum": labels}}
+    if max_items is not None:
+        prop["maxItems"] = max_items
+    return {"type": "json_schema",
+            "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {field: prop}}}}
+
+
+@pytest.mark.parametrize("margin, max_items, expected", [
+    (0.0, None, ["negative"]),
+    (10.0, None, ["negative", "positive", "neutral"]),  # most likely first
+    (10.0, 2, ["negative", "positive"]),
+])
+def test_a_candidate_set_request_gets_the_labels_within_the_margin(margin, max_items, expected):
+    from fastapi.testclient import TestClient
+
+    engine = FakeEngine()
+    with TestClient(build_openai_app(engine, candidate_margin=margin)) as c:
+        resp = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "so negative, negative, but positive once"}],
+            "response_format": array_format(SCHEMA_LABELS, max_items=max_items)})
+    assert resp.status_code == 200, resp.text
+    assert json.loads(resp.json()["choices"][0]["message"]["content"]) == {"labels": expected}
+    assert engine.calls[-1] == ("choose", "labels", SCHEMA_LABELS, "array")
+
+
+def test_candidate_set_keeps_labels_within_margin_of_the_best():
+    from labelwright.cluster.embedded_llm import candidate_set
+
+    scores = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    assert candidate_set(["a", "b", "c"], scores, margin=math.log(2.0), max_items=3) == ["a", "b"]
+    assert candidate_set(["a", "b", "c"], scores, margin=0.0, max_items=3) == ["a"]
+    assert candidate_set(["a", "b", "c"], scores, margin=5.0, max_items=2) == ["a", "b"]
 
 
 def test_text_request_uses_generate_and_max_tokens(client):
@@ -423,6 +458,24 @@ def test_engine_choose_matches_scoring_each_label_alone(tiny_engine):
     # The alternatives offered at the first label token are a distribution over the allowed branches.
     first = next(t for t in result.logprobs if t.logprob != 0.0 or len(t.top) > 1)
     assert sum(math.exp(lp) for _, lp in first.top) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_engine_scores_the_first_item_of_a_list_in_array_mode(tiny_engine):
+    import torch
+
+    labels = ["Sports", "positive", "negative"]
+    messages = [{"role": "user", "content": "this film is great"}]
+    result = tiny_engine.choose(messages, "labels", labels, array=True)
+    prompt = tiny_engine._encode(tiny_engine._prompt_text(messages)) + tiny_engine._encode('{"labels": ["')
+    alone = []
+    for label in labels:
+        cont = tiny_engine._encode(label + '"')
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_engine.model(torch.tensor([prompt + cont])).logits[0].float(), dim=-1)
+        alone.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont)))
+    log_z = math.log(sum(math.exp(a) for a in alone))
+    assert result.scores == pytest.approx([a - log_z for a in alone], abs=1e-4)
+    assert result.label == labels[int(np.argmax(alone))]
 
 
 def test_engine_generate_is_greedy_and_counts_tokens(tiny_engine):

@@ -1,0 +1,97 @@
+"""Candidate annotation, second half: a student distilled from the candidate sets decides between them.
+
+In ``controller.mode: candidates`` the controller answers each row it is asked about with a set of plausible
+labels, most likely first (``candidates`` column). Once every row is labelled, a student classifier is
+distilled on Ray Train (``training/distill.py``: the distribution refinery) from every settled row that is not
+a reference row (specialist consensus as a set of one, the controller's sets as they are); then each row whose
+set holds several labels is decided by the student restricted to that set (``decided_by: student``). A set of
+one stays the controller's. The student's checkpoint is kept in the run directory, so a resumed job does not
+distil again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from labelwright.orchestrator.report import accuracy
+
+
+def candidate_sets(column: pd.Series) -> list[list[str]]:
+    """The column's sets as lists (a row without one: empty); parquet gives arrays back."""
+    return [[] if c is None or (isinstance(c, float) and np.isnan(c)) else [str(v) for v in c] for c in column]
+
+
+def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log: Callable[[str], None]
+                        ) -> tuple[pd.DataFrame, dict]:
+    """Distil the student (or reuse its checkpoint) and let it decide the rows with several candidates;
+    return the frame and the report's ``candidates`` block."""
+    from labelwright.specialists.registry import load_specialist
+    from labelwright.training.distill import distil_student
+    from labelwright.training.stage import is_complete
+
+    df = df.copy()
+    sets = candidate_sets(df["candidates"]) if "candidates" in df.columns else [[] for _ in range(len(df))]
+    sizes = np.array([len(s) for s in sets])
+    asked = sizes > 0
+    block: dict = {"rows": int(asked.sum())}
+    if not asked.any():
+        return df, block
+    block["mean_size"] = round(float(sizes[asked].mean()), 3)
+    block["singleton_share"] = round(float((sizes[asked] == 1).mean()), 4)
+    multi = np.flatnonzero((sizes > 1) & (df["decided_by"] == "controller").to_numpy())
+    reference = df["reference"].fillna(False).astype(bool).to_numpy() if "reference" in df.columns else np.zeros(len(df), bool)
+    trainable = np.flatnonzero(df["label"].notna().to_numpy() & ~reference)
+    cfg = spec.distill
+    student_dir = Path(run_dir) / "student"
+    block["student"] = {"name": cfg.student.name, "model": cfg.student.model, "train_rows": int(len(trainable)),
+                        "refinery": cfg.refinery.model_dump()}
+    if len(multi) == 0:
+        block["student"]["note"] = "no row had several candidates: nothing for a student to decide"
+    elif not is_complete(student_dir) and len(trainable) < cfg.min_rows:
+        block["student"]["note"] = (f"only {len(trainable)} settled rows to distil from (distill.min_rows="
+                                    f"{cfg.min_rows}): the controller's first candidate stands")
+        log(f"candidates: {block['student']['note']}")
+    else:
+        t = time.monotonic()
+        if is_complete(student_dir):
+            log(f"candidates: reusing the distilled student at {student_dir}")
+        else:
+            train_sets = [sets[i] or [df.at[i, "label"]] for i in trainable]
+            log(f"candidates: distilling student {cfg.student.name!r} on {len(trainable)} rows "
+                f"({sum(len(s) > 1 for s in train_sets)} with several candidates) on Ray Train")
+            distil_student(cfg.student, [df.at[i, "text"] for i in trainable], train_sets,
+                           label_names=spec.label_names, output_dir=str(student_dir),
+                           storage_path=str(Path(run_dir) / "ray_train"), refinery=cfg.refinery,
+                           num_workers=spec.runtime.train_workers, use_gpu=gpu)
+        student = load_specialist(student_dir)
+        probs = student.predict_proba([df.at[i, "text"] for i in multi])
+        index = {label: j for j, label in enumerate(student.labels)}
+        for row, p in zip(multi, probs):
+            allowed = [index[label] for label in sets[row]]
+            inside = p[allowed]
+            best = int(np.argmax(inside))
+            df.at[row, "label"] = sets[row][best]
+            df.at[row, "decided_by"] = "student"
+            df.at[row, "confidence"] = float(inside[best] / max(inside.sum(), 1e-12))
+        block["student"].update(rows_decided=int(len(multi)), seconds=round(time.monotonic() - t, 1),
+                                version=student.version, checkpoint=str(student_dir))
+        log(f"candidates: the student decided {len(multi)} rows with several candidates")
+    if "gold" in df.columns:
+        gold = df["gold"].to_numpy()
+        rows = np.flatnonzero(asked & pd.notna(gold))
+        if len(rows):
+            block["gold_rows"] = int(len(rows))
+            block["coverage"] = round(float(np.mean([gold[i] in sets[i] for i in rows])), 4)
+            block["single_label_accuracy"] = accuracy([sets[i][0] for i in rows], gold[rows])
+            block["student_accuracy"] = accuracy(df["label"].to_numpy()[rows], gold[rows])
+            several = [i for i in rows if sizes[i] > 1]
+            if several:  # where the student decided: the controller's first candidate against its choice
+                block["several"] = {"rows": len(several),
+                                    "single_label_accuracy": accuracy([sets[i][0] for i in several], gold[several]),
+                                    "student_accuracy": accuracy(df["label"].to_numpy()[several], gold[several])}
+    return df, block
