@@ -129,5 +129,5 @@ def distil_student(
         {"label_names": list(label_names), "texts": texts, "y": mask.argmax(1).tolist(), "w": [1.0] * len(texts),
          "mask": mask.tolist(), "refinery": refinery.model_dump(), "seed": seed},
         output_dir=output_dir, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
-        init_checkpoint=init_checkpoint, what="distilling",
+        init_checkpoint=init_checkpoint, what="distilling", prefix="distill",
     )

@@ -113,12 +113,12 @@ def fine_tune_transformer(
         _ray_train_func, config,
         {"label_names": list(label_names), "texts": texts, "y": y.tolist(), "w": w.tolist(), "seed": seed},
         output_dir=output_dir, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
-        init_checkpoint=init_checkpoint, what="fine-tuning",
+        init_checkpoint=init_checkpoint, what="fine-tuning", prefix="finetune",
     )
 
 
 def run_trainer(train_func, config: SpecialistConfig, loop_config: dict, *, output_dir: str, storage_path: str,
-                num_workers: int, use_gpu: bool, init_checkpoint: str | None, what: str) -> str:
+                num_workers: int, use_gpu: bool, init_checkpoint: str | None, what: str, prefix: str) -> str:
     """Run ``train_func`` on a ``TorchTrainer`` of ``num_workers`` and copy its final checkpoint to
     ``output_dir`` (whole, then renamed: a kill never leaves half a checkpoint); return that path."""
     from ray.train import RunConfig, ScalingConfig, TrainingFailedError
@@ -126,7 +126,7 @@ def run_trainer(train_func, config: SpecialistConfig, loop_config: dict, *, outp
 
     if num_workers < 1:
         raise SpecialistError(f"num_workers is {num_workers}; give at least 1")
-    name = f"{what.split()[0]}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    name = f"{prefix}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
