@@ -48,17 +48,18 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
     trainable = np.flatnonzero(df["label"].notna().to_numpy() & ~reference)
     cfg = spec.distill
     student_dir = Path(run_dir) / "student"
+    distilled = is_complete(student_dir)  # by an earlier run of this job
     block["student"] = {"name": cfg.student.name, "model": cfg.student.model, "train_rows": int(len(trainable)),
                         "refinery": cfg.refinery.model_dump()}
     if len(multi) == 0:
         block["student"]["note"] = "no row had several candidates: nothing for a student to decide"
-    elif not is_complete(student_dir) and len(trainable) < cfg.min_rows:
+    elif not distilled and len(trainable) < cfg.min_rows:
         block["student"]["note"] = (f"only {len(trainable)} settled rows to distil from (distill.min_rows="
                                     f"{cfg.min_rows}): the controller's first candidate stands")
         log(f"candidates: {block['student']['note']}")
     else:
         t = time.monotonic()
-        if is_complete(student_dir):
+        if distilled:
             log(f"candidates: reusing the distilled student at {student_dir}")
         else:
             train_sets = [sets[i] or [df.at[i, "label"]] for i in trainable]

@@ -124,24 +124,14 @@ def repair_messages(bad_answer: str, problem: str, *, labels: Sequence[str],
                     max_candidates: int | None = None) -> list[dict[str, str]]:
     """The two turns appended for the one repair round: the bad answer and a correction request."""
     allowed = ", ".join(json.dumps(label, ensure_ascii=False) for label in labels)
-    if max_candidates is not None:
-        return [
-            {"role": "assistant", "content": bad_answer},
-            {"role": "user", "content": (
-                f"That reply is not valid: {problem}. Reply again with only a JSON object "
-                f'{{"labels": ["<allowed label>", ...]}} holding 1 to {max_candidates} different labels, each '
-                f"exactly one of: {allowed}."
-            )},
-        ]
+    if max_candidates is None:
+        form = f'{{"label": "<one allowed label>"}} whose label is exactly one of: {allowed}.'
+    else:
+        form = (f'{{"labels": ["<allowed label>", ...]}} holding 1 to {max_candidates} different labels, each '
+                f"exactly one of: {allowed}.")
     return [
         {"role": "assistant", "content": bad_answer},
-        {
-            "role": "user",
-            "content": (
-                f"That reply is not valid: {problem}. Reply again with only a JSON object "
-                f'{{"label": "<one allowed label>"}} whose label is exactly one of: {allowed}.'
-            ),
-        },
+        {"role": "user", "content": f"That reply is not valid: {problem}. Reply again with only a JSON object {form}"},
     ]
 
 

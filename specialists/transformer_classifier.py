@@ -221,7 +221,8 @@ def train_loop(
         model.train()
         idx = shard_indices(len(texts), epoch=epoch, seed=seed, rank=rank, world_size=world_size)
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        if soft is not None:
+        refining = soft is not None and refine is not None and epoch + 1 < epochs  # targets for the next epoch
+        if refining:
             seen = torch.zeros(len(texts), len(spec.labels) + 1, dtype=torch.float64)  # summed probs, count
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
@@ -234,6 +235,7 @@ def train_loop(
                 target = torch.as_tensor(soft[rows], dtype=logits.dtype, device=device)
                 per_row = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
                 weight = weight * torch.as_tensor(keep[rows], dtype=weight.dtype, device=device)
+            if refining:
                 probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
                 seen.index_add_(0, torch.as_tensor(rows), torch.cat([probs, torch.ones(len(rows), 1, dtype=torch.float64)], 1))
             loss = (per_row * weight).sum() / weight.sum().clamp(min=1e-8)
@@ -245,7 +247,7 @@ def train_loop(
             loss_sum += torch.tensor([float(per_row.detach().sum()), len(rows)], dtype=torch.float64)
         if distributed:
             loss_sum = _all_reduced(loss_sum, device)
-        if soft is not None and refine is not None and epoch + 1 < epochs:
+        if refining:
             if distributed:
                 seen = _all_reduced(seen, device)
             probs = (seen[:, :-1] / seen[:, -1:].clamp(min=1)).numpy()

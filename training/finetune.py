@@ -103,8 +103,6 @@ def fine_tune_transformer(
             f"specialist {config.name!r} has kind {config.kind!r}; fine_tune_transformer trains only "
             "'transformer_classifier' (call fit() for the linear kinds)"
         )
-    if num_workers < 1:
-        raise SpecialistError(f"num_workers is {num_workers}; give at least 1")
     # Validation runs once here, on the driver, with the same rules as Specialist.fit.
     y, w = encode_training_labels(texts, labels, sample_weight, task_labels=label_names, name=config.name)
     texts = clean_texts(texts, max_length=config.max_length, name=config.name)
