@@ -51,6 +51,9 @@ def add_common_args(ap, *, datasets: str, rows: int, out: Path) -> None:
     ap.add_argument("--base-url", default=None, help="OpenAI-compatible controller (default: the embedded LLM)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(out))
+    ap.add_argument("--noisy-endpoint", type=float, default=None, metavar="ACCURACY",
+                    help="label with a local OpenAI-compatible endpoint that answers the gold label with this "
+                         "probability and a random other label otherwise (fixed per text), instead of an LLM")
     ap.add_argument("--resume", action="store_true",
                     help="go on with each configuration's run left in --out by a stopped benchmark (the job resumes "
                          "from its run directory) instead of starting it fresh; timings then cover the last process")
@@ -91,13 +94,61 @@ def annotate_config(name: str, task: dict, sample: Path, work: Path, *, resume: 
     return annotate(sample, spec=load_task(None, task), output=out / "labels.parquet", report_path=out / "report.json")
 
 
+def noisy_responder(dataset: str, labels: list[str], accuracy: float, *, seed: int = 0):
+    """A fake endpoint's answers (``tests/fake_openai.py``): the gold label of the fenced text (from the
+    dataset's train and test splits) with probability ``accuracy``, else another label drawn uniformly; the
+    draw is fixed per text, so every configuration and the controller alone see the same endpoint. Asked
+    for a candidate set, it answers a set of that one label."""
+    import hashlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.fake_openai import HTTPError, last_fenced_text
+
+    gold = {}
+    for split in ("train", "test"):
+        d = pd.read_csv(DATASETS / dataset / f"{split}.csv")
+        gold.update(zip(d["text"].astype(str), d["label"].astype(str)))
+
+    def answer(text: str) -> str:
+        h = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+        truth = gold[text]
+        if int.from_bytes(h[:8], "big") / 2**64 < accuracy:
+            return truth
+        others = [x for x in labels if x != truth]
+        return others[int.from_bytes(h[8:16], "big") % len(others)]
+
+    def respond(request: dict):
+        text = last_fenced_text(request)
+        if text is not None and text not in gold:  # truncated in the prompt: match by prefix
+            text = next((t for t in gold if t.startswith(text)), None)
+        if text is None:
+            return HTTPError(400, "the noisy endpoint knows only the dataset's texts")
+        label = answer(text)
+        if '"labels"' in json.dumps(request.get("response_format") or {}):
+            return json.dumps({"labels": [label]})
+        return json.dumps({"label": label})
+
+    return respond
+
+
 def run_configs(args, configs: dict, run_config, results_name: str) -> list[dict]:
     """Each configuration named in ``args.configs`` ('|'-separated) on each dataset; the results of every
-    dataset measured into ``args.out`` so far (configurations can be run one at a time: others are kept)."""
+    dataset measured into ``args.out`` so far (configurations can be run one at a time: others are kept).
+    With ``--noisy-endpoint``, every dataset is labelled against that endpoint instead of an LLM."""
+    import contextlib
+
     out_dir = Path(args.out)
     for dataset in [d for d in args.datasets.split(",") if d]:
         work = out_dir / dataset
         sample, labels = write_sample(dataset, args.rows, work)
-        for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
-            save_result(work / results_name, run_config(name, configs[name], sample, work, labels, dataset, args))
+        with contextlib.ExitStack() as stack:
+            if getattr(args, "noisy_endpoint", None) is not None:
+                responder = noisy_responder(dataset, labels, args.noisy_endpoint)
+                from tests.fake_openai import FakeOpenAI
+
+                server = stack.enter_context(FakeOpenAI(responder, model=f"noisy-{args.noisy_endpoint:g}"))
+                args.base_url, args.model = server.base_url, server.model
+            for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
+                save_result(work / results_name, run_config(name, configs[name], sample, work, labels, dataset, args))
     return load_results(out_dir, results_name)

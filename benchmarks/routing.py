@@ -2,13 +2,16 @@
 demonstrations, as the pipeline asks a hard row), each specialist alone, the previous default (unanimity,
 no reference rows), and routing by measured correctness (``voting.route: measured``), over the default
 rule (unanimity) or the stacked rule (``voting.rule: stacked``), with gold reference rows and with an audit (no gold used for routing: the controller's answers on random rows are the
-reference), and candidate annotation (``controller.mode: candidates``: sets, a student distilled from them). Accuracy and macro-F1 against gold, LLM share (rows the controller was asked about for any
-reason: reference rows and hard rows; the seed comes from the train split and is reported apart), LLM
-calls, and what the routing settled.
+reference), with and without the controller's answers combined with the specialists on the rows it answers
+(``voting.combine``, fitted on the gold reference rows), and candidate annotation (``controller.mode:
+candidates``: sets, a student distilled from them). Accuracy and macro-F1 against gold, LLM share (rows the
+controller was asked about for any reason: reference rows and hard rows; the seed comes from the train split
+and is reported apart), LLM calls, what the routing settled and what the combination overruled.
 
     python benchmarks/routing.py --datasets movie_sentiment --rows 1000
     python benchmarks/routing.py --datasets yahoo_topics,banking77 --rows 400
     python benchmarks/routing.py --datasets ""          # just print the table so far
+    python benchmarks/routing.py --noisy-endpoint 0.85 --out runs/bench_noisy   # against an 85%-right endpoint
 
 Every configuration of a dataset shares one controller cache (``<out>/<dataset>/cache.sqlite``): the seed and
 the rows asked by an earlier configuration are not paid again, and the figures are the same as without the
@@ -33,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "unanimity (previous default)": {"voting": {"rule": "unanimity", "route": "threshold"}},
     "routing, gold reference": {"voting": {"route": "measured"}},
+    "routing, gold reference, no combination": {"voting": {"route": "measured", "combine": "never"}},
     "routing, audit reference": {"voting": {"route": "measured"}, "stages": {"check_rows": 0}},
     "routing + stacked, gold reference": {"voting": {"route": "measured", "rule": "stacked"}},
     "routing + stacked, audit reference": {"voting": {"route": "measured", "rule": "stacked"},
@@ -71,6 +75,7 @@ def run_config(name, extra, sample, work, labels, dataset, args) -> dict:
                                            "controller_accuracy", "bound")} for f in fits],
         "stage_hard_share": [s.get("hard_share") for s in stages], "wall_s": report["wall_s"],
         "controller": report["controller"], "seed": report["seed"], "candidates": report.get("candidates"),
+        "combined": report.get("combined"),
     }
     print(json.dumps({k: result[k] for k in ("config", "dataset", "accuracy", "llm_share", "decided_by", "candidates")}),
           flush=True)
@@ -106,8 +111,9 @@ def _alone(work: Path, name: str, df, labels, task, report, args) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| dataset | configuration | rows | accuracy | macro-F1 | LLM share | LLM calls | reference rows | "
-             "settled by the specialists (accuracy) | candidate sets: size, coverage, first label / final accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "settled by the specialists (accuracy) | overruled by the combination (accuracy / the controller's) | "
+             "candidate sets: size, coverage, first label / final accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = r.get("reference") or {}
         cons = (r.get("accuracy_by_decided_by") or {}).get("consensus")
@@ -116,8 +122,11 @@ def table(results: list[dict]) -> str:
         c = r.get("candidates") or {}
         sets = (f"{c['mean_size']:.2f}, {c['coverage']:.1%}, {c['single_label_accuracy']:.3f} / "
                 f"{c['student_accuracy']:.3f}" if c.get("coverage") is not None else "")
+        m = r.get("combined") or {}
+        over = "" if not m.get("overruled") else (f"{m['overruled']}" + (
+            f" ({m['accuracy']:.3f} / {m['controller_accuracy']:.3f})" if m.get("gold_rows") else ""))
         lines.append(f"| {r['dataset']} | {r['config']} | {r['rows']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
-                     f"{r['llm_share']:.0%} | {r['llm_calls']} | {asked} | {settled} | {sets} |")
+                     f"{r['llm_share']:.0%} | {r['llm_calls']} | {asked} | {settled} | {over} | {sets} |")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
         return df, block
     block["mean_size"] = round(float(sizes[asked].mean()), 3)
     block["singleton_share"] = round(float((sizes[asked] == 1).mean()), 4)
-    multi = np.flatnonzero((sizes > 1) & (df["decided_by"] == "controller").to_numpy())
+    multi = np.flatnonzero((sizes > 1) & df["decided_by"].isin(["controller", "combined"]).to_numpy())
     reference = df["reference"].fillna(False).astype(bool).to_numpy() if "reference" in df.columns else np.zeros(len(df), bool)
     trainable = np.flatnonzero(df["label"].notna().to_numpy() & ~reference)
     cfg = spec.distill
@@ -72,16 +72,23 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
         student = load_specialist(student_dir)
         probs = student.predict_proba([df.at[i, "text"] for i in multi])
         index = {label: j for j, label in enumerate(student.labels)}
+        choice, conf = [], []
         for row, p in zip(multi, probs):
-            allowed = [index[label] for label in sets[row]]
-            inside = p[allowed]
+            inside = p[[index[label] for label in sets[row]]]
             best = int(np.argmax(inside))
-            df.at[row, "label"] = sets[row][best]
-            df.at[row, "decided_by"] = "student"
-            df.at[row, "confidence"] = float(inside[best] / max(inside.sum(), 1e-12))
-        block["student"].update(rows_decided=int(len(multi)), seconds=round(time.monotonic() - t, 1),
+            choice.append(sets[row][best])
+            conf.append(float(inside[best] / max(inside.sum(), 1e-12)))
+        df["student_label"] = None
+        df.loc[multi, "student_label"] = pd.Series(choice, index=multi, dtype=object)
+        decide, verdict = _where_the_student_decides(df, multi, sets, choice, len(spec.label_names))
+        block["student"]["check"] = verdict
+        for j in np.flatnonzero(decide):
+            row = multi[j]
+            df.at[row, "label"], df.at[row, "decided_by"], df.at[row, "confidence"] = choice[j], "student", conf[j]
+        block["student"].update(rows_decided=int(decide.sum()), seconds=round(time.monotonic() - t, 1),
                                 version=student.version, checkpoint=str(student_dir))
-        log(f"candidates: the student decided {len(multi)} rows with several candidates")
+        log(f"candidates: the student decided {int(decide.sum())} of the {len(multi)} rows with several candidates "
+            f"({verdict['why']})")
     if "gold" in df.columns:
         gold = df["gold"].to_numpy()
         rows = np.flatnonzero(asked & pd.notna(gold))
@@ -96,3 +103,26 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
                                     "single_label_accuracy": accuracy([sets[i][0] for i in several], gold[several]),
                                     "student_accuracy": accuracy(df["label"].to_numpy()[several], gold[several])}
     return df, block
+
+
+def _where_the_student_decides(df: pd.DataFrame, multi: np.ndarray, sets: list[list[str]], choice: list[str],
+                               n_labels: int) -> tuple[np.ndarray, dict]:
+    """Which of the rows with several candidates the student decides, and why. The gold reference rows
+    among them (never trained on) measure it against the controller's first candidate: it decides where
+    it won more of them than it lost. Without any, it decides only the rows whose set leaves some label out
+    (a set of every label, all a binary task's sets of two, says nothing the student could choose within)."""
+    gold = df["gold"].to_numpy() if "gold" in df.columns else np.full(len(df), None)
+    ref = df["reference"].fillna(False).astype(bool).to_numpy() if "reference" in df.columns else np.zeros(len(df), bool)
+    checked = [j for j, row in enumerate(multi) if ref[row] and pd.notna(gold[row])]
+    if checked:
+        won = sum(choice[j] == gold[multi[j]] != sets[multi[j]][0] for j in checked)
+        lost = sum(choice[j] != gold[multi[j]] == sets[multi[j]][0] for j in checked)
+        used = won > lost
+        why = (f"on {len(checked)} gold reference rows with several candidates it won {won} rows from the "
+               f"controller's first candidate and lost {lost}: " + ("it decides" if used else "the first candidate stands"))
+        return np.full(len(multi), used), {"reference_rows": len(checked), "won": int(won), "lost": int(lost),
+                                           "used": bool(used), "why": why}
+    informative = np.array([len(set(sets[row])) < n_labels for row in multi], dtype=bool)
+    why = ("no gold reference rows to measure it on: it decides the rows whose set leaves some label out, "
+           f"{int(informative.sum())} of {len(multi)}")
+    return informative, {"reference_rows": 0, "used": bool(informative.any()), "why": why}

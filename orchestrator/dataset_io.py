@@ -27,8 +27,8 @@ from labelwright.specialists.errors import InputDataError
 # Columns that labelwright writes itself; an input column of the same name passes through as input_<name>.
 RESERVED = {
     "row", "id", "text", "gold", "note", "skip_reason", "shard", "label", "decided_by", "reason",
-    "confidence", "specialists_label", "controller_answer", "controller_confidence", "prompt_tokens",
-    "completion_tokens", "llm_calls", "cached", "seed", "reference", "candidates", "stage",
+    "confidence", "specialists_label", "controller_label", "controller_answer", "controller_confidence", "prompt_tokens",
+    "completion_tokens", "llm_calls", "cached", "seed", "reference", "candidates", "student_label", "stage",
 }
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _CHUNK_ROWS = 10_000

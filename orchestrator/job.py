@@ -68,7 +68,7 @@ def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
 EMBEDDED_TIMEOUT_S = 600.0
 
 OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
-OUTPUT_BACK = ["stage", "recheck_label", "controller_answer", "controller_confidence", "candidates", "prompt_tokens",
+OUTPUT_BACK = ["stage", "recheck_label", "controller_label", "controller_answer", "controller_confidence", "candidates", "prompt_tokens",
                "completion_tokens", "llm_calls", "cached", "seed", "reference", "note"]
 
 

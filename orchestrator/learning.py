@@ -27,7 +27,7 @@ from typing import Callable
 
 import pandas as pd
 
-from labelwright.orchestrator.report import accuracy, routing_text
+from labelwright.orchestrator.report import accuracy, combine_text, routing_text
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.voting import check_judge
 from labelwright.specialists.base import read_manifest
@@ -138,7 +138,7 @@ class StagedLearning:
     def observe(self, batch: pd.DataFrame) -> None:
         """Called with every labelled batch the job writes: keep the controller's rows, maybe start a stage."""
         self.rows_seen += len(batch)
-        settled = batch[(batch["decided_by"] == "controller") & ~batch["seed"].astype(bool)
+        settled = batch[batch["decided_by"].isin(["controller", "combined"]) & ~batch["seed"].astype(bool)
                         & ~batch["row"].isin(self.exclude_rows)]
         if len(settled):
             self.buffer.append(settled[["row", "id", "text", "label", "confidence"]], stage=self.stage)
@@ -258,7 +258,8 @@ class StagedLearning:
             return
         import ray
 
-        ray.get(self.gate.set_threshold.remote(record["versions"], fit["threshold"], fit.get("stack")))
+        fitted = {k: fit[k] for k in ("stack", "combine") if fit.get(k)}
+        ray.get(self.gate.set_threshold.remote(record["versions"], fit["threshold"], fitted or None))
 
     # ---- reporting -----------------------------------------------------------------------------
     def row_stages(self, df: pd.DataFrame, names: list[str]) -> pd.Series:
@@ -325,15 +326,16 @@ class StageGate:
     async def wait(self) -> None:
         await self._open.wait()
 
-    async def set_threshold(self, versions: dict[str, str], threshold: float | None, stack: dict | None = None) -> None:
+    async def set_threshold(self, versions: dict[str, str], threshold: float | None, fitted: dict | None = None) -> None:
         self._thresholds = ([(v, t, st) for v, t, st in self._thresholds if v != versions]
-                            + [(dict(versions), threshold, stack)])
+                            + [(dict(versions), threshold, fitted)])
 
     async def threshold_for(self, versions: dict[str, str]) -> tuple[bool, float | None, dict | None]:
-        """(known, threshold, stack) for a batch voted by these versions; ``stack``: the stacked rule's
-        fitted weights (None for other rules). A batch voted while a swap rolls out mixes two stages'
+        """(known, threshold, fitted) for a batch voted by these versions; ``fitted``: what else the stage's
+        check fitted ({"stack": the stacked rule's weights, "combine": the controller's combination with
+        the specialists}, None when neither). A batch voted while a swap rolls out mixes two stages'
         versions: it gets the stricter of their thresholds (None, settle nothing, is the strictest) and the
-        newer stage's weights. (False, None, None) when no stage published one: use the configured threshold."""
+        newer stage's fits. (False, None, None) when no stage published one: use the configured threshold."""
         for v, t, st in self._thresholds:
             if v == versions:
                 return True, t, st
@@ -346,7 +348,7 @@ class StageGate:
 
 def _gate_text(fit: dict) -> str:
     if fit.get("kind") == "route":
-        return routing_text(fit)
+        return routing_text(fit) + (f"; {combine_text(fit['combine'])}" if fit.get("combine") else "")
     if fit["threshold"] is None:
         return f"none reaches {fit['target_accuracy']:.0%} accuracy: every row goes to the controller"
     return (f"{fit['threshold']:.3f} (settles {fit['settled_share']:.0%} of them at {fit['accuracy']:.0%} "

@@ -170,7 +170,8 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
     if gold:
         controller_labels = [said.get(str(i)) for i in gold_ids]
         check = CheckSet(gold_check.texts, gold_check.labels, "gold", controller=controller_labels,
-                         rows=gold_check.rows)
+                         rows=gold_check.rows,
+                         controller_confidence=[(answers.get(str(i)) or {}).get("confidence") for i in gold_ids])
     else:
         ok = asked[[said[str(i)] != "" for i in asked["id"]]]
         labels = [said[str(i)] for i in ok["id"]]

@@ -46,7 +46,7 @@ def macro_f1(pred: Sequence, gold: Sequence, labels: Sequence[str]) -> float | N
 
 def sent_to_llm(df: pd.DataFrame) -> pd.Series:
     """Rows the controller labelled or was asked about, its answer cached or not: what the LLM share counts."""
-    return (df["decided_by"] == "controller") | (df["llm_calls"] > 0) | df["cached"].astype(bool)
+    return df["decided_by"].isin(["controller", "combined"]) | (df["llm_calls"] > 0) | df["cached"].astype(bool)
 
 
 def build_report(
@@ -115,9 +115,39 @@ def build_report(
                 },
             }
             report["gold"] = gold_block
+    if "controller_label" in df.columns:
+        report["combined"] = combined_block(df)
     if extra:
         report.update(extra)
     return report
+
+
+def combined_block(df: pd.DataFrame) -> dict:
+    """What the combination of the controller with the specialists (``voting.combine``) did: of the rows the
+    controller answered while labelling (not the seed or reference rows), how many it overruled, and with
+    gold how often the controller's own label and the combination's were right on those."""
+    asked = df["decided_by"].isin(["controller", "combined"]) & df["controller_label"].notna()
+    for flag in ("seed", "reference"):
+        if flag in df.columns:
+            asked &= ~df[flag].fillna(False).astype(bool)
+    over = df[asked & (df["decided_by"] == "combined")]
+    out = {"controller_rows": int(asked.sum()), "overruled": int(len(over))}
+    if "gold" in df.columns:
+        g = over[over["gold"].notna()]
+        out.update(gold_rows=int(len(g)), accuracy=accuracy(g["label"], g["gold"]) if len(g) else None,
+                   controller_accuracy=accuracy(g["controller_label"], g["gold"]) if len(g) else None)
+    return out
+
+
+def combine_text(fit: dict) -> str:
+    """A stage's fitted combination of the controller with the specialists, in words."""
+    verdict = ("it decides the controller's rows" if fit["applied"] else
+               "not used: the controller's answers stand")
+    what = "the controller's answers recalibrated" if fit.get("sources") == "controller" else \
+        "the controller combined with the specialists"
+    return (f"{what} on {fit['rows']} gold reference rows: out of fold it overruled "
+            f"{fit['overruled']} ({fit['won']} won, {fit['lost']} lost; {fit['accuracy']:.1%} against the controller's "
+            f"{fit['controller_accuracy']:.1%}): {verdict}")
 
 
 def summary(report: dict) -> str:
@@ -160,6 +190,15 @@ def summary(report: dict) -> str:
     fits = [(r["stage"], r["check"]["gate"]) for r in stages if (r.get("check") or {}).get("gate")]
     if fits and fits[-1][1].get("kind") == "route":
         lines.append(f"routing (stage {fits[-1][0]}): threshold {routing_text(fits[-1][1])}")
+        if fits[-1][1].get("combine"):
+            lines.append(f"  {combine_text(fits[-1][1]['combine'])}")
+    comb = report.get("combined")
+    if comb and comb.get("overruled"):
+        text = f"combined: overruled the controller on {comb['overruled']} of its {comb['controller_rows']} rows"
+        if comb.get("gold_rows"):
+            text += (f"; on {comb['gold_rows']} of them with gold the combination is right {comb['accuracy']:.3f}, "
+                     f"the controller {comb['controller_accuracy']:.3f}")
+        lines.append(text)
     g = report.get("gold")
     if g:
         lines.append(f"gold ({g['rows']} rows): accuracy {g['accuracy']:.3f}, macro-F1 {g['macro_f1']:.3f}")

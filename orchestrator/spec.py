@@ -56,6 +56,11 @@ class VotingConfig(_Strict):
     # With route measured: the settled rows' lower bound must reach this accuracy instead (against gold, or
     # against the controller's audit answers). With route threshold: the point calibration's target.
     target_accuracy: float | None = Field(default=None, gt=0.0, le=1.0)
+    # auto: with gold reference rows, a stacked combination of the controller's answer (and its logprob
+    # confidence) with the specialists' probabilities decides the rows the controller answers, where on those
+    # reference rows (out of fold) it won more rows from the controller than it lost; never: the controller's
+    # answer stands.
+    combine: Literal["auto", "never"] = "auto"
 
     @field_validator("rule")
     @classmethod

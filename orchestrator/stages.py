@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from labelwright.orchestrator.seed import nearest
-from labelwright.orchestrator.voting import Stack, gated, get_rule, mean_probs, top_candidates
+from labelwright.orchestrator.voting import (
+    Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, top_candidates,
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,11 @@ def vote_columns(names: Sequence[str]) -> list[str]:
     cols = []
     for n in names:
         cols += [f"vote_{n}", f"prob_{n}", f"version_{n}"]
-    return cols + ["specialists_label", "vote_confidence", "hard", "shortlist"]
+    return cols + ["specialists_label", "vote_confidence", "hard", "shortlist", "combine_logits", "combine_weight"]
+
+
+# Carried from the vote stage to the controller stage only, never written out.
+INTERNAL_COLUMNS = ["hard", "shortlist", "vote_confidence", "combine_logits", "combine_weight"]
 
 
 class VoteStage:
@@ -59,7 +65,7 @@ class VoteStage:
             pending = {name: h.predict.remote(texts) for name, h in self.handles.items()}
             results = {name: r.result() for name, r in pending.items()}
             probs = np.stack([results[name]["probs"] for name in self.names])  # (S, A, L)
-            votes = self._votes(probs, {name: results[name]["version"] for name in self.names})
+            votes, combine = self._votes(probs, {name: results[name]["version"] for name in self.names})
             avg = mean_probs(probs, self.weights)
             cands = top_candidates(avg, self.s.candidates_k)
             labels = self.s.labels
@@ -76,19 +82,31 @@ class VoteStage:
                 out["vote_confidence"][i] = float(votes.confidence[j])
                 out["hard"][i] = bool(votes.hard[j])
                 out["shortlist"][i] = [labels[c] for c in cands[j]]
+            if combine is not None:  # the specialists' part of the combination, for the rows the controller answers
+                stack = Stack.from_dict(combine["stack"])
+                hard = np.flatnonzero(votes.hard)
+                logits = combine_logits(probs[:, hard], stack)
+                for j, z in zip(hard, logits):
+                    out["combine_logits"][active[j]] = [float(x) for x in z]
+                    out["combine_weight"][active[j]] = float(stack.a[-1])
         for c, values in out.items():
             batch[c] = values
         return batch
 
-    def _votes(self, probs: np.ndarray, versions: dict[str, str]):
+    def _votes(self, probs: np.ndarray, versions: dict[str, str]) -> tuple[Votes, dict | None]:
+        """The rule's votes, and the stage's combination of the controller with the specialists when its
+        check fitted one that pays (``voting.combine``), else None."""
         if self.gate is not None:
             import ray
 
-            known, threshold, stack = ray.get(self.gate.threshold_for.remote(versions))
+            known, threshold, fitted = ray.get(self.gate.threshold_for.remote(versions))
             if known:
-                extra = {} if stack is None else {"stack": Stack.from_dict(stack)}
-                return gated(self.rule(probs, weights=self.weights, threshold=0.0, **extra), threshold)
-        return self.rule(probs, weights=self.weights, **self.rule_kwargs)
+                fitted = fitted or {}
+                extra = {"stack": Stack.from_dict(fitted["stack"])} if fitted.get("stack") else {}
+                combine = fitted.get("combine")
+                votes = gated(self.rule(probs, weights=self.weights, threshold=0.0, **extra), threshold)
+                return votes, combine if combine and combine.get("applied") else None
+        return self.rule(probs, weights=self.weights, **self.rule_kwargs), None
 
 
 @dataclass
@@ -108,7 +126,8 @@ class ControllerSettings:
     endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
 
-RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_answer", "controller_confidence",
+RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_label", "controller_answer",
+                  "controller_confidence",
                   "candidates", "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed", "reference"]
 
 
@@ -166,7 +185,7 @@ class ControllerStage:
             self._ask(batch, ask, res)
         for c, values in res.items():
             batch[c] = values
-        return batch.drop(columns=["hard", "shortlist", "vote_confidence"])
+        return batch.drop(columns=[c for c in INTERNAL_COLUMNS if c in batch.columns])
 
     def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
         # Work in slices so the budget is checked between them (bounded overshoot: one slice).
@@ -188,6 +207,7 @@ class ControllerStage:
             for i, a in zip(part, answers):
                 a = a.model_dump()
                 self._fill(res, i, a)
+                self._combine(batch, i, res)
                 self.calls += a["calls"]
                 self.tokens += a["prompt_tokens"] + a["completion_tokens"]
 
@@ -213,11 +233,25 @@ class ControllerStage:
         # most similar last: closest to the question in the prompt
         return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
 
+    def _combine(self, batch: pd.DataFrame, i: int, res: dict) -> None:
+        """Where the stage fitted a combination that pays (``voting.combine``), it decides the row from the
+        controller's answer and the specialists' votes: a different label than the controller's is
+        ``decided_by: combined`` (the controller's own stays in ``controller_label``)."""
+        logits = batch.at[i, "combine_logits"] if "combine_logits" in batch.columns else None
+        if logits is None or res["decided_by"][i] != "controller":
+            return
+        labels = self.s.labels
+        ctrl = controller_probs([res["label"][i]], [res["controller_confidence"][i]], labels)[0]
+        k, p = combined_label(np.asarray(logits, dtype=np.float64), float(batch.at[i, "combine_weight"]), ctrl)
+        if labels[k] != res["label"][i]:
+            res["label"][i], res["decided_by"][i], res["confidence"][i] = labels[k], "combined", p
+
     @staticmethod
     def _fill(res: dict, i: int, a: dict) -> None:
         ok = a.get("label") is not None
         res["label"][i] = a.get("label")
         res["decided_by"][i] = "controller" if ok else "unresolved"
+        res["controller_label"][i] = a.get("label")
         res["reason"][i] = a.get("reason")
         res["controller_answer"][i] = a.get("raw")
         res["controller_confidence"][i] = a.get("confidence")

@@ -190,6 +190,96 @@ def cross_fitted(probs: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int 
     return out, fit_stack(probs, y)
 
 
+def controller_probs(answers, confidence, labels) -> np.ndarray:
+    """The controller's answers as distributions, shape (n_rows, n_labels): its confidence (the answer's
+    probability from logprobs, clipped to [1/n_labels, 1 - 1e-6]; an endpoint without logprobs counts as
+    sure) on the label it gave, the rest spread evenly; uniform where it gave none (None or "")."""
+    n_l = len(labels)
+    index = {lab: i for i, lab in enumerate(labels)}
+    out = np.full((len(answers), n_l), 1.0 / n_l)
+    for i, (a, c) in enumerate(zip(answers, confidence)):
+        if not a or a not in index:
+            continue
+        p = min(max(1.0 if c is None or not np.isfinite(c) else float(c), 1.0 / n_l), 1.0 - 1e-6)
+        out[i] = (1.0 - p) / max(n_l - 1, 1)
+        out[i, index[a]] = p
+    return out
+
+
+@dataclass(frozen=True)
+class Combination:
+    """The controller and the specialists combined on the rows the controller answers (``voting.combine``):
+    a :class:`Stack` over the specialists' log-probabilities and the controller's (last source), fitted on
+    gold reference rows. Judged out of fold on those rows against the controller's own answers: it may
+    overrule the controller only when the rows where it did were won (it right, the controller wrong) more
+    often than lost. ``sources`` says what it uses: the controller alone (its answers recalibrated, a bias
+    per label: an LLM's preference for some labels corrected) or the specialists too."""
+
+    stack: Stack
+    sources: str  # "controller" or "controller+specialists"
+    rows: int  # gold reference rows the controller answered
+    overruled: int  # out of fold, rows where the combination's label is not the controller's
+    won: int
+    lost: int
+    accuracy: float  # out of fold, the combination's accuracy on those rows
+    controller_accuracy: float
+
+    @property
+    def applied(self) -> bool:
+        return self.won > self.lost
+
+    def as_dict(self) -> dict:
+        return {"sources": self.sources, "rows": self.rows, "overruled": self.overruled, "won": self.won,
+                "lost": self.lost, "accuracy": round(self.accuracy, 4),
+                "controller_accuracy": round(self.controller_accuracy, 4), "applied": self.applied,
+                "stack": self.stack.as_dict()}
+
+
+def fit_combination(probs: np.ndarray, ctrl: np.ndarray, said: np.ndarray, y: np.ndarray, *,
+                    folds: int = 5, seed: int = 0) -> Combination:
+    """Fit the combination of the specialists' ``probs`` (S, R, L) and the controller's distributions
+    ``ctrl`` (R, L) (:func:`controller_probs`) to gold labels ``y`` (R,), the controller's answers being
+    ``said`` (R,) label indices, judged on out-of-fold predictions (:func:`cross_fitted`). Two nested
+    models are tried, the controller recalibrated alone and with the specialists; the one that wins more
+    rows than it loses out of fold, by the widest margin, is kept (a tie keeps the smaller one). The
+    stack always has one weight per specialist and the controller's last (0 for unused specialists)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    ctrl = np.asarray(ctrl, dtype=np.float64)
+    y, said = np.asarray(y, dtype=int), np.asarray(said, dtype=int)
+    n_s = probs.shape[0]
+    best = None
+    for sources, use in (("controller", ctrl[None]), ("controller+specialists", np.concatenate([probs, ctrl[None]]))):
+        if sources != "controller" and n_s == 0:
+            break
+        q, stack = cross_fitted(use, y, folds=folds, seed=seed)
+        mine = q.argmax(axis=1)
+        won, lost = int(np.sum((mine == y) & (said != y))), int(np.sum((mine != y) & (said == y)))
+        if use.shape[0] == 1:
+            stack = Stack(np.concatenate([np.zeros(n_s), stack.a]), stack.b)
+        fit = Combination(stack, sources, len(y), int(np.sum(mine != said)), won, lost,
+                          float(np.mean(mine == y)) if len(y) else 0.0, float(np.mean(said == y)) if len(y) else 0.0)
+        if best is None or fit.won - fit.lost > best.won - best.lost:
+            best = fit
+    return best
+
+
+def combine_logits(probs: np.ndarray, stack: Stack) -> np.ndarray:
+    """The specialists' part of a combination's logits, shape (n_rows, n_labels): add the controller's
+    (:func:`combined_label`) once it has answered."""
+    z = np.einsum("s,snl->nl", stack.a[:-1], _log_probs(np.asarray(probs, dtype=np.float64)))
+    return z + stack.b
+
+
+def combined_label(logits: np.ndarray, weight: float, ctrl: np.ndarray) -> tuple[int, float]:
+    """The combination's label index and probability for one row: its specialists' ``logits`` (L,), the
+    controller's weight in the stack and its distribution ``ctrl`` (L,)."""
+    z = np.asarray(logits, dtype=np.float64) + weight * _log_probs(np.asarray(ctrl, dtype=np.float64))
+    z -= z.max()
+    q = np.exp(z) / np.exp(z).sum()
+    k = int(q.argmax())
+    return k, float(q[k])
+
+
 def gated(votes: Votes, threshold: float | None) -> Votes:
     """The rule's votes (taken at threshold 0) with a calibrated threshold applied: rows whose
     support is below it become hard; ``None`` (no threshold reached the target) makes every row hard."""
@@ -379,6 +469,22 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+def _combination(probs: np.ndarray, said: np.ndarray, check, asked: np.ndarray, gold: np.ndarray,
+                 names: np.ndarray) -> dict | None:
+    """:func:`fit_combination` on the gold reference rows the controller answered, as the gate carries it."""
+    conf = np.array(check.controller_confidence if check.controller_confidence is not None
+                    else [None] * len(asked), dtype=object)[asked]
+    answered = np.array([bool(s) for s in said])
+    if answered.sum() < 2:
+        return None
+    index = {str(n): i for i, n in enumerate(names)}
+    labels = [str(n) for n in names]
+    ctrl = controller_probs(list(said[answered]), list(conf[answered]), labels)
+    fit = fit_combination(probs[:, answered], ctrl, np.array([index[str(s)] for s in said[answered]]),
+                          np.array([index[str(g)] for g in gold[answered]]))
+    return fit.as_dict()
+
+
 def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
     """What the voting rule of ``voting`` (a :class:`VotingConfig`; unanimity when None) makes of the
     specialists on held-out check rows, as ``training/stage.evaluate`` asks: the share of hard rows and the
@@ -414,6 +520,8 @@ def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
             extra = {} if stack is None else {"stack": stack}
             votes = gated(rule(probs, weights=weights, threshold=0.0, **extra), fit.threshold)
             out["gate"] = fit.as_dict() | ({} if stack is None else {"stack": stack.as_dict()})
+            if voting.combine == "auto" and controller_right is not None:
+                out["gate"]["combine"] = _combination(probs[:, asked], said, check, asked, gold[asked], names)
         elif target is not None:
             base = rule(probs, weights=weights, threshold=0.0)
             fit = calibrate(base, names[base.leading] == gold, target=target)

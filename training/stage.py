@@ -125,6 +125,7 @@ class CheckSet:
     # what the job routes by (reference rows). For an audit the labels themselves are these answers.
     controller: list[str | None] | None = None
     rows: list[int] | None = None  # their input row numbers, where they come from the input
+    controller_confidence: list[float | None] | None = None  # its answers' probabilities (logprobs)
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -332,7 +332,8 @@ def test_controller_plan_is_checked_on_the_seed_and_saved_next_to_the_output(ray
 
 def test_candidate_sets_distilled_into_a_student_on_ray_train_then_resume(ray_cluster, movie, tmp_path, tiny_bert):
     """controller.mode: candidates against the fake endpoint: a third of the rows get a set whose first label
-    is wrong; the student (distilled on Ray Train) decides every row with several candidates, within its set."""
+    is wrong; the student (distilled on Ray Train) chooses within every set of several candidates, and decides
+    them where the gold reference rows among them show it beats the first candidate."""
     path, df = movie
     labels = ["positive", "negative"]
     sets = {t: ([g] if i % 3 else [next(x for x in labels if x != g), g]) for i, (t, g) in
@@ -340,7 +341,8 @@ def test_candidate_sets_distilled_into_a_student_on_ray_train_then_resume(ray_cl
     student = {"name": "student", "kind": "transformer_classifier", "model": tiny_bert, "max_length": 32,
                "epochs": 3, "lr": 3e-3}
     with FakeOpenAI(candidate_oracle(sets)) as server:
-        spec = spec_for(server, controller={"mode": "candidates"}, distill={"student": student, "min_rows": 10})
+        spec = spec_for(server, controller={"mode": "candidates"}, distill={"student": student, "min_rows": 10},
+                        voting={"route": "measured", "combine": "never"})  # gold reference rows check the student
         out = tmp_path / "out.parquet"
         report = annotate(path, spec=spec, output=out)
         res = pd.read_parquet(out)
@@ -348,14 +350,17 @@ def test_candidate_sets_distilled_into_a_student_on_ray_train_then_resume(ray_cl
         assert len(res) == len(df) and res["row"].is_unique
         asked = res[res["candidates"].notna()]
         several = asked[asked["candidates"].map(len) > 1]
-        assert len(several) > 0 and (several["decided_by"] == "student").all()
-        assert all(lab in set(c) for lab, c in zip(several["label"], several["candidates"]))
+        check = report["candidates"]["student"]["check"]
+        assert check["reference_rows"] > 0 and check["used"] == (check["won"] > check["lost"])
+        assert len(several) > 0 and (several["decided_by"] == ("student" if check["used"] else "controller")).all()
+        assert all(lab in set(c) for lab, c in zip(several["student_label"], several["candidates"]))
+        assert (several["label"] == (several["student_label"] if check["used"] else several["candidates"].str[0])).all()
         ones = asked[asked["candidates"].map(len) == 1]
         assert (ones["decided_by"] == "controller").all() and (ones["label"] == ones["gold"]).all()
         block = report["candidates"]
         assert block["rows"] == len(asked) and block["coverage"] == 1.0
         assert block["mean_size"] == pytest.approx(asked["candidates"].map(len).mean(), abs=1e-3)
-        assert block["single_label_accuracy"] < 1.0 and block["student"]["rows_decided"] == len(several)
+        assert block["single_label_accuracy"] < 1.0 and block["student"]["rows_decided"] == (len(several) if check["used"] else 0)
         assert block["student"]["train_rows"] == int(res["label"].notna().sum() - res["reference"].sum())
 
         again = annotate(path, spec=spec, output=out)  # everything done: the student is reused, nobody asked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import socket
 import time
@@ -408,3 +409,33 @@ def test_label_confidence_falls_back_to_all_tokens():
     assert label_confidence(tokens, content, "positive") == pytest.approx(2.718281828 ** -0.5)
     assert label_confidence(tokens[:-1], content, "positive") == pytest.approx(2.718281828 ** -0.6)
     assert label_confidence([], content, "positive") is None
+
+
+def test_the_controller_stage_lets_a_fitted_combination_overrule_its_answer(tmp_path):
+    """The vote stage hands the specialists' part of a combination that pays to the controller stage: a row
+    whose specialists are sure enough is decided against the controller (decided_by combined, the
+    controller's own label kept), a row where they are not keeps the controller's answer."""
+    import numpy as np
+    import pandas as pd
+
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+
+    with FakeOpenAI(constant("negative"), label_logprob=math.log(0.6)) as fake:
+        settings = ControllerSettings(
+            controller={"base_url": fake.base_url, "model": "fake-model", "cache": False, "backoff_s": 0.001,
+                        "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
+            labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None)
+        stage = ControllerStage(settings)
+        sure, unsure = np.log([0.97, 0.02, 0.01]), np.log([0.5, 0.3, 0.2])
+        batch = pd.DataFrame({
+            "id": ["a", "b", "c"], "text": ["x y", "y z", "z w"], "skip_reason": [None] * 3,
+            "hard": [True, True, True], "specialists_label": ["positive"] * 3, "vote_confidence": [0.9, 0.5, 0.5],
+            "shortlist": [LABELS] * 3, "combine_logits": [list(sure), list(unsure), None],
+            "combine_weight": [1.0, 1.0, None]})
+        out = stage(batch)
+        stage.controller.close()
+    assert out["decided_by"].tolist() == ["combined", "controller", "controller"]
+    assert out["label"].tolist() == ["positive", "negative", "negative"]
+    assert out["controller_label"].tolist() == ["negative"] * 3
+    assert out["controller_confidence"].iloc[0] == pytest.approx(0.6)
+    assert not {"combine_logits", "combine_weight", "hard", "shortlist"} & set(out.columns)

@@ -67,3 +67,22 @@ def test_summary_lists_each_stage_with_its_calibrated_threshold():
     lines = summary(r).splitlines()
     assert "stage 0: voted 2 rows, LLM share 50%" in lines[-2] and "calibrated threshold none" in lines[-2]
     assert "calibrated threshold 0.812" in lines[-1] and "rolled back s1" in lines[-1]
+
+
+def test_the_report_counts_what_the_combination_overruled():
+    df = pd.DataFrame({
+        "label": ["a", "b", "a", "b", "a"],
+        "gold": ["a", "b", "b", "b", "a"],
+        "decided_by": ["consensus", "combined", "combined", "controller", "controller"],
+        "controller_label": [None, "a", "b", "b", "b"],
+        "seed": [False, False, False, False, True],
+        "reference": [False] * 5,
+        "llm_calls": [0, 1, 1, 1, 1], "cached": [False] * 5, "prompt_tokens": [0, 9, 9, 9, 9],
+        "completion_tokens": [0, 1, 1, 1, 1],
+    })
+    r = build_report(df, labels=["a", "b"], specialists=[], rows_in=5, wall_s=1.0, label_s=1.0,
+                     price_prompt_per_1k=0.0, price_completion_per_1k=0.0)
+    assert r["combined"] == {"controller_rows": 3, "overruled": 2, "gold_rows": 2, "accuracy": 0.5,
+                             "controller_accuracy": 0.5}  # the seed row is not the controller's to be overruled on
+    assert r["llm_share"] == 0.8  # overruled rows were still sent to the LLM
+    assert "overruled the controller on 2 of its 3 rows" in summary(r)

@@ -151,10 +151,19 @@ def test_the_judge_routes_by_the_controllers_answers_on_the_reference_rows(movie
     assert gate["kind"] == "route" and gate["reference"] == "gold" and gate["rows"] == len(asked[::2])
     assert gate["controller_accuracy_all"] == 0.0 and gate["threshold"] is not None and gate["curve"]
     assert ev["hard_share"] == pytest.approx(np.mean(_conf(ck, texts) < gate["threshold"]))
+    # The controller combined with the specialists, judged out of fold on the same rows: a binary controller
+    # always wrong is always overruled (its answer, weighted negatively, is evidence of the other label).
+    combine = gate["combine"]
+    assert combine["rows"] == len(asked[::2]) and combine["controller_accuracy"] == 0.0
+    assert combine["applied"] and combine["won"] > combine["lost"] and len(combine["stack"]["a"]) == 3
+    never = evaluate(ck, CheckSet(texts, gold, "gold", controller=asked), label_names=LABELS,
+                     judge=check_judge(measured.model_copy(update={"combine": "never"}), min_fit_rows=5))["gate"]
+    assert "combine" not in never
     # An audit: the labels are the controller's own; nothing is asked beyond them.
     audit = evaluate(ck, CheckSet(texts, gold, "audit", controller=list(gold)), label_names=LABELS,
                      judge=check_judge(measured, min_fit_rows=5))["gate"]
     assert audit["reference"] == "audit" and audit["controller_accuracy"] is None
+    assert "combine" not in audit  # the labels are the controller's: nothing to combine it against
     # The stacked rule: its weights are fitted on the reference rows and published with the threshold.
     stack = evaluate(ck, CheckSet(texts, gold, "gold", controller=asked), label_names=LABELS,
                      judge=check_judge(VotingConfig(rule="stacked", max_loss=0.5), min_fit_rows=5))["gate"]

@@ -4,7 +4,11 @@ import pytest
 from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.voting import (
     Stack,
+    combine_logits,
+    combined_label,
+    controller_probs,
     cross_fitted,
+    fit_combination,
     fit_route,
     fit_stack,
     proportion_bound,
@@ -250,3 +254,75 @@ def test_cross_fitted_scores_each_row_without_it():
     in_sample = np.mean(np.log(stack_probs(probs, full)[np.arange(400), y]))
     out_of_fold = np.mean(np.log(q[np.arange(400), y]))
     assert out_of_fold < in_sample  # the in-sample fit flatters itself
+
+
+# ---- the controller combined with the specialists -----------------------------------------------------
+
+def _noisy_controller(y, acc, n_labels, rng):
+    """Answers right with probability ``acc``, else a random other label (the errors know nothing of the row)."""
+    wrong = (y + rng.integers(1, n_labels, size=len(y))) % n_labels
+    return np.where(rng.random(len(y)) < acc, y, wrong)
+
+
+def _calibrated_specialist(y, n_labels, rng, *, sharpness):
+    """Distributions whose confidence is calibrated: a row's leading label is right as often as it says."""
+    logits = rng.normal(0, 1, size=(len(y), n_labels))
+    logits[np.arange(len(y)), y] += rng.gamma(2.0, sharpness, size=len(y))
+    q = np.exp(logits)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def test_controller_probs_put_the_confidence_on_the_answer():
+    q = controller_probs(["b", None, "a", "", "c"], [0.7, None, None, 0.9, 0.1], ["a", "b", "c"])
+    np.testing.assert_allclose(q[0], [0.15, 0.7, 0.15])
+    np.testing.assert_allclose(q[1], [1 / 3] * 3)  # not answered: uniform
+    assert q[2, 0] > 0.999 and np.isclose(q[2].sum(), 1)  # no logprobs: counted as sure
+    np.testing.assert_allclose(q[3], [1 / 3] * 3)
+    np.testing.assert_allclose(q[4], [1 / 3] * 3)  # a confidence below 1/L is clipped up to it
+
+
+def test_a_specialist_sure_where_a_noisy_controller_errs_wins_rows_from_it():
+    rng = np.random.default_rng(0)
+    n, n_l = 600, 3
+    y = rng.integers(0, n_l, size=n)
+    said = _noisy_controller(y, 0.8, n_l, rng)
+    spec = _calibrated_specialist(y, n_l, rng, sharpness=2.0)[None]
+    ctrl = controller_probs([str(s) for s in said], [None] * n, [str(i) for i in range(n_l)])
+    fit = fit_combination(spec, ctrl, said, y)
+    assert fit.applied and fit.won > fit.lost and fit.accuracy > fit.controller_accuracy
+    assert fit.controller_accuracy == pytest.approx(np.mean(said == y))
+    assert fit.stack.a.shape == (2,) and fit.as_dict()["applied"] is True
+    # combined_label is the fitted stack over the specialists and the controller, one row at a time
+    z = combine_logits(spec, fit.stack)
+    full = stack_probs(np.concatenate([spec, ctrl[None]]), fit.stack)
+    for i in range(5):
+        k, p = combined_label(z[i], fit.stack.a[-1], ctrl[i])
+        assert k == full[i].argmax() and p == pytest.approx(full[i].max())
+
+
+def test_a_specialist_that_knows_nothing_never_overrules_the_controller():
+    rng = np.random.default_rng(1)
+    n, n_l = 400, 2
+    y = rng.integers(0, n_l, size=n)
+    said = _noisy_controller(y, 0.85, n_l, rng)
+    noise = rng.dirichlet(np.ones(n_l), size=(1, n))  # unrelated to the truth
+    ctrl = controller_probs([str(s) for s in said], [None] * n, ["0", "1"])
+    fit = fit_combination(noise, ctrl, said, y)
+    assert not fit.applied and fit.won <= fit.lost
+    assert fit.accuracy <= fit.controller_accuracy
+
+
+def test_a_controller_that_favours_one_label_is_recalibrated_without_the_specialists():
+    """An LLM that says "0" for most rows it is unsure of: the label bias alone, fitted on gold rows, wins
+    rows back; specialists that know nothing add nothing, so the smaller model is kept."""
+    rng = np.random.default_rng(2)
+    n = 400
+    y = rng.integers(0, 2, size=n)
+    said, conf = y.copy(), rng.uniform(0.8, 1.0, size=n)
+    doubt = rng.random(n) < np.where(y == 1, 0.3, 0.1)  # unsure rows, most of them truly "1" ...
+    said[doubt], conf[doubt] = 0, rng.uniform(0.5, 0.65, size=doubt.sum())  # ... answered "0"
+    ctrl = controller_probs([str(s) for s in said], list(conf), ["0", "1"])
+    noise = rng.dirichlet(np.ones(2), size=(2, n))
+    fit = fit_combination(noise, ctrl, said, y)
+    assert fit.sources == "controller" and fit.applied and fit.accuracy > fit.controller_accuracy
+    assert fit.stack.a[:2].tolist() == [0.0, 0.0] and fit.stack.b[0] < fit.stack.b[1]
