@@ -5,7 +5,8 @@ labels, most likely first (``candidates`` column). Once every row is labelled, a
 distilled on Ray Train (``training/distill.py``: the distribution refinery) from every settled row that is not
 a reference row (specialist consensus as a set of one, the controller's sets as they are); then each row whose
 set holds several labels is decided by the student restricted to that set (``decided_by: student``). A set of
-one stays the controller's. The student's checkpoint is kept in the run directory, so a resumed job does not
+one stays the controller's, and so does a row the combination (``voting.combine``) already decided. The
+student's checkpoint is kept in the run directory, so a resumed job does not
 distil again.
 """
 
@@ -43,7 +44,7 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
         return df, block
     block["mean_size"] = round(float(sizes[asked].mean()), 3)
     block["singleton_share"] = round(float((sizes[asked] == 1).mean()), 4)
-    multi = np.flatnonzero((sizes > 1) & df["decided_by"].isin(["controller", "combined"]).to_numpy())
+    multi = np.flatnonzero((sizes > 1) & (df["decided_by"] == "controller").to_numpy())
     reference = df["reference"].fillna(False).astype(bool).to_numpy() if "reference" in df.columns else np.zeros(len(df), bool)
     trainable = np.flatnonzero(df["label"].notna().to_numpy() & ~reference)
     cfg = spec.distill

@@ -43,6 +43,8 @@ def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None, plan_
     data = spec.model_dump(mode="json", exclude={"runtime", "budget", "stages"})
     data["controller"].pop("concurrency", None)
     data["controller"].pop("timeout_s", None)
+    if data["voting"].get("combine") == "auto":  # the default: runs started before the setting existed resume
+        data["voting"].pop("combine")
     out = {"input": str(input_path.resolve()), "limit": limit, "task": data}
     if plan_path is not None:
         out["plan"] = hashlib.sha1(Path(plan_path).read_bytes()).hexdigest() if Path(plan_path).is_file() else None

@@ -470,11 +470,12 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _combination(probs: np.ndarray, said: np.ndarray, check, asked: np.ndarray, gold: np.ndarray,
-                 names: np.ndarray) -> dict | None:
-    """:func:`fit_combination` on the gold reference rows the controller answered, as the gate carries it."""
+                 names: np.ndarray, *, hard: np.ndarray) -> dict | None:
+    """:func:`fit_combination` on the gold reference rows the controller answered and the routing leaves to it
+    (``hard``: the rows it would decide; a row the specialists settle never reaches it), as the gate carries it."""
     conf = np.array(check.controller_confidence if check.controller_confidence is not None
                     else [None] * len(asked), dtype=object)[asked]
-    answered = np.array([bool(s) for s in said])
+    answered = np.array([bool(s) for s in said]) & np.asarray(hard, dtype=bool)
     if answered.sum() < 2:
         return None
     index = {str(n): i for i, n in enumerate(names)}
@@ -521,7 +522,9 @@ def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
             votes = gated(rule(probs, weights=weights, threshold=0.0, **extra), fit.threshold)
             out["gate"] = fit.as_dict() | ({} if stack is None else {"stack": stack.as_dict()})
             if voting.combine == "auto" and controller_right is not None:
-                out["gate"]["combine"] = _combination(probs[:, asked], said, check, asked, gold[asked], names)
+                # judged on the reference rows it would decide: those the gated rule leaves to the controller
+                out["gate"]["combine"] = _combination(probs[:, asked], said, check, asked, gold[asked], names,
+                                                      hard=votes.hard[asked])
         elif target is not None:
             base = rule(probs, weights=weights, threshold=0.0)
             fit = calibrate(base, names[base.leading] == gold, target=target)
