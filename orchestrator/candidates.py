@@ -81,7 +81,8 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
             conf.append(float(inside[best] / max(inside.sum(), 1e-12)))
         df["student_label"] = None
         df.loc[multi, "student_label"] = pd.Series(choice, index=multi, dtype=object)
-        decide, verdict = _where_the_student_decides(df, multi, sets, choice, len(spec.label_names))
+        gold = df["gold"].to_numpy() if "gold" in df.columns else np.full(len(df), None)
+        decide, verdict = _where_the_student_decides(multi, sets, choice, gold, reference, len(spec.label_names))
         block["student"]["check"] = verdict
         for j in np.flatnonzero(decide):
             row = multi[j]
@@ -106,14 +107,13 @@ def decide_with_student(df: pd.DataFrame, spec, *, run_dir: Path, gpu: bool, log
     return df, block
 
 
-def _where_the_student_decides(df: pd.DataFrame, multi: np.ndarray, sets: list[list[str]], choice: list[str],
-                               n_labels: int) -> tuple[np.ndarray, dict]:
+def _where_the_student_decides(multi: np.ndarray, sets: list[list[str]], choice: list[str], gold: np.ndarray,
+                               ref: np.ndarray, n_labels: int) -> tuple[np.ndarray, dict]:
     """Which of the rows with several candidates the student decides, and why. The gold reference rows
     among them (never trained on) measure it against the controller's first candidate: it decides where
     it won more of them than it lost. Without any, it decides only the rows whose set leaves some label out
-    (a set of every label, all a binary task's sets of two, says nothing the student could choose within)."""
-    gold = df["gold"].to_numpy() if "gold" in df.columns else np.full(len(df), None)
-    ref = df["reference"].fillna(False).astype(bool).to_numpy() if "reference" in df.columns else np.zeros(len(df), bool)
+    (a set of every label, all a binary task's sets of two, says nothing the student could choose within).
+    ``gold`` and ``ref`` (the reference flag) are per row of the frame, ``choice`` per row of ``multi``."""
     checked = [j for j, row in enumerate(multi) if ref[row] and pd.notna(gold[row])]
     if checked:
         won = sum(choice[j] == gold[multi[j]] != sets[multi[j]][0] for j in checked)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import pandas as pd
 
-from labelwright.orchestrator.report import accuracy, combine_text, routing_text
+from labelwright.orchestrator.report import CONTROLLER_DECIDED, accuracy, combine_text, routing_text
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.voting import check_judge
 from labelwright.specialists.base import read_manifest
@@ -138,7 +138,7 @@ class StagedLearning:
     def observe(self, batch: pd.DataFrame) -> None:
         """Called with every labelled batch the job writes: keep the controller's rows, maybe start a stage."""
         self.rows_seen += len(batch)
-        settled = batch[batch["decided_by"].isin(["controller", "combined"]) & ~batch["seed"].astype(bool)
+        settled = batch[batch["decided_by"].isin(CONTROLLER_DECIDED) & ~batch["seed"].astype(bool)
                         & ~batch["row"].isin(self.exclude_rows)]
         if len(settled):
             self.buffer.append(settled[["row", "id", "text", "label", "confidence"]], stage=self.stage)

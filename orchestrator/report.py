@@ -44,9 +44,13 @@ def macro_f1(pred: Sequence, gold: Sequence, labels: Sequence[str]) -> float | N
     return float(np.mean(scores)) if scores else None
 
 
+# decided_by values of rows whose label the controller answered (the combination may have changed it)
+CONTROLLER_DECIDED = ("controller", "combined")
+
+
 def sent_to_llm(df: pd.DataFrame) -> pd.Series:
     """Rows the controller labelled or was asked about, its answer cached or not: what the LLM share counts."""
-    return df["decided_by"].isin(["controller", "combined"]) | (df["llm_calls"] > 0) | df["cached"].astype(bool)
+    return df["decided_by"].isin(CONTROLLER_DECIDED) | (df["llm_calls"] > 0) | df["cached"].astype(bool)
 
 
 def build_report(
@@ -126,7 +130,7 @@ def combined_block(df: pd.DataFrame) -> dict:
     """What the combination of the controller with the specialists (``voting.combine``) did: of the rows the
     controller answered while labelling (not the seed or reference rows), how many it overruled, and with
     gold how often the controller's own label and the combination's were right on those."""
-    asked = df["decided_by"].isin(["controller", "combined"]) & df["controller_label"].notna()
+    asked = df["decided_by"].isin(CONTROLLER_DECIDED) & df["controller_label"].notna()
     for flag in ("seed", "reference"):
         if flag in df.columns:
             asked &= ~df[flag].fillna(False).astype(bool)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -190,16 +189,18 @@ def test_the_student_decides_only_where_gold_reference_rows_show_it_beats_the_fi
     from labelwright.orchestrator.candidates import _where_the_student_decides
 
     sets = [["a", "b"], ["b", "a"], ["a", "b"], ["a", "b", "c"], ["c", "a"]]
-    df = pd.DataFrame({"gold": ["b", "b", "a", None, "c"], "reference": [True, True, True, False, False]})
+    gold = np.array(["b", "b", "a", None, "c"], dtype=object)
+    ref = np.array([True, True, True, False, False])
+    no_gold = np.full(5, None)
     multi = np.arange(5)
     # on the three reference rows: row 0 won (b, the first was a), row 1 tied (both right), row 2 lost
-    decide, why = _where_the_student_decides(df, multi, sets, ["b", "b", "b", "c", "a"], 3)
+    decide, why = _where_the_student_decides(multi, sets, ["b", "b", "b", "c", "a"], gold, ref, 3)
     assert why["reference_rows"] == 3 and (why["won"], why["lost"]) == (1, 1) and not why["used"]
     assert not decide.any()
-    decide, why = _where_the_student_decides(df, multi, sets, ["b", "b", "a", "c", "a"], 3)
+    decide, why = _where_the_student_decides(multi, sets, ["b", "b", "a", "c", "a"], gold, ref, 3)
     assert why["used"] and decide.all() and (why["won"], why["lost"]) == (1, 0)
     # no gold: only sets that leave a label out (a set of all three says nothing to choose within)
-    decide, why = _where_the_student_decides(df.assign(gold=None), multi, sets, ["b"] * 5, 3)
+    decide, why = _where_the_student_decides(multi, sets, ["b"] * 5, no_gold, ref, 3)
     assert why["reference_rows"] == 0 and decide.tolist() == [True, True, True, False, True]
-    decide, _ = _where_the_student_decides(df.assign(gold=None), multi[:3], sets, ["b"] * 3, 2)
+    decide, _ = _where_the_student_decides(multi[:3], sets, ["b"] * 3, no_gold, ref, 2)
     assert not decide.any()  # binary: every set of two holds every label
