@@ -42,23 +42,31 @@ def majority_vote(df: pd.DataFrame, names: list[str]) -> pd.Series:
     return pd.Series(out, index=df.index)
 
 
-def controller_alone(texts, labels, descriptions, instruction, controller_cfg, seed_dir: Path) -> dict:
-    """Every row to the controller, with the same k-nearest seed demonstrations as the pipeline."""
+def controller_alone(texts, labels, descriptions, instruction, controller_cfg, seed_dir: Path,
+                     bank: Path | None = None) -> dict:
+    """Every row to the controller, with the same k-nearest seed demonstrations as the pipeline; with
+    ``bank`` (a run's ``reference/demonstrations.parquet``: the seed and gold rows), drawn from that bank,
+    leaving out a row's own text, as the pipeline does with ``controller.gold_demonstrations``."""
     from labelwright.orchestrator.bootstrap import label_choices, verbalise
     from labelwright.orchestrator.controller import Controller
     from labelwright.orchestrator.seed import nearest
     from labelwright.specialists.encoder import Encoder
 
-    seed = pd.read_parquet(seed_dir / "seed.parquet")
-    emb = np.load(seed_dir / "embeddings.npy")
-    ok = seed["label"].notna().to_numpy()
-    seed, emb = seed[ok].reset_index(drop=True), emb[ok]
-    controller = Controller(controller_cfg, labels=labels, descriptions=descriptions, instruction=instruction)
     enc = Encoder("minilm")
+    if bank is not None:
+        seed = pd.read_parquet(bank)
+        emb = enc.encode(seed["text"].tolist())
+    else:
+        seed = pd.read_parquet(seed_dir / "seed.parquet")
+        emb = np.load(seed_dir / "embeddings.npy")
+        ok = seed["label"].notna().to_numpy()
+        seed, emb = seed[ok].reset_index(drop=True), emb[ok]
+    controller = Controller(controller_cfg, labels=labels, descriptions=descriptions, instruction=instruction)
     q = enc.encode(list(texts))
     demos = None
     if controller_cfg.num_demonstrations > 0 and len(seed):
-        idx = nearest(q, emb, controller_cfg.num_demonstrations)
+        idx = nearest(q, emb, controller_cfg.num_demonstrations, query_texts=list(texts),
+                      bank_texts=seed["text"].tolist())
         demos = [[(seed["text"][j], seed["label"][j]) for j in row[::-1]] for row in idx]
     choices = None
     if len(labels) > controller_cfg.max_choices:

@@ -37,6 +37,7 @@ CONFIGS = {
     "unanimity (previous default)": {"voting": {"rule": "unanimity", "route": "threshold"}},
     "routing, gold reference": {"voting": {"route": "measured"}},
     "routing, gold reference, no combination": {"voting": {"route": "measured", "combine": "never"}},
+    "routing, gold reference, stages wait": {"voting": {"route": "measured"}, "stages": {"wait": True}},
     "routing, audit reference": {"voting": {"route": "measured"}, "stages": {"check_rows": 0}},
     "routing + stacked, gold reference": {"voting": {"route": "measured", "rule": "stacked"}},
     "routing + stacked, audit reference": {"voting": {"route": "measured", "rule": "stacked"},
@@ -96,11 +97,18 @@ def _alone(work: Path, name: str, df, labels, task, report, args) -> None:
 
         update["timeout_s"] = EMBEDDED_TIMEOUT_S
     ctrl = spec.controller.model_copy(update=update)
-    alone = controller_alone(df["text"], labels, spec.descriptions, spec.instruction, ctrl,
-                             config_dir(work, name) / "labels.run" / "seed")
-    out = [{"config": "controller alone", "dataset": work.name, "rows": len(df),
-            "accuracy": accuracy(alone["pred"], df["gold"]), "macro_f1": macro_f1(alone["pred"], df["gold"], labels),
-            "llm_share": 1.0, "llm_calls": len(df)}]
+    run = config_dir(work, name) / "labels.run"
+    out = []
+    bank = run / "reference" / "demonstrations.parquet"
+    seeds = run / "seed"
+    for what, demos in [("controller alone", None),
+                        ("controller alone, gold demonstrations", bank if bank.is_file() else None)]:
+        if what != "controller alone" and demos is None:
+            continue
+        alone = controller_alone(df["text"], labels, spec.descriptions, spec.instruction, ctrl, seeds, bank=demos)
+        out.append({"config": what, "dataset": work.name, "rows": len(df),
+                    "accuracy": accuracy(alone["pred"], df["gold"]),
+                    "macro_f1": macro_f1(alone["pred"], df["gold"], labels), "llm_share": 1.0, "llm_calls": len(df)})
     for s in spec.specialists:
         col = df[f"vote_{s.name}"]
         out.append({"config": f"specialist {s.name} alone (stage of each row)", "dataset": work.name, "rows": len(df),

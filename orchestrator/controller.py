@@ -58,6 +58,9 @@ class ControllerConfig(BaseModel):
     mode: Literal["label", "candidates"] = "label"
     max_candidates: int = Field(3, ge=2)
     num_demonstrations: int = Field(4, ge=0)
+    # With gold rows (the held-out rows of a gold column, the rows of voting.gold_file), the demonstrations
+    # are drawn from them, with their gold labels, as well as from the seed rows; a row is never shown its own.
+    gold_demonstrations: bool = True
     max_choices: int = Field(12, ge=1)
     max_text_chars: int = Field(4000, ge=1)
     price_prompt_per_1k: float = Field(0.0, ge=0.0)

@@ -43,8 +43,11 @@ def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None, plan_
     data = spec.model_dump(mode="json", exclude={"runtime", "budget", "stages"})
     data["controller"].pop("concurrency", None)
     data["controller"].pop("timeout_s", None)
-    if data["voting"].get("combine") == "auto":  # the default: runs started before the setting existed resume
+    # Settings at their default are left out: runs started before the setting existed resume.
+    if data["voting"].get("combine") == "auto":
         data["voting"].pop("combine")
+    if data["controller"].get("gold_demonstrations") is True:
+        data["controller"].pop("gold_demonstrations")
     out = {"input": str(input_path.resolve()), "limit": limit, "task": data}
     if plan_path is not None:
         out["plan"] = hashlib.sha1(Path(plan_path).read_bytes()).hexdigest() if Path(plan_path).is_file() else None
@@ -326,12 +329,14 @@ def _sample_texts(staged: StagedInput, n: int) -> list[str]:
     return out
 
 
-def _controller_settings(spec, controller_cfg, seed, **extra) -> ControllerSettings:
-    """How the controller is asked about a row: the task's prompt, the seed rows as demonstrations."""
+def _controller_settings(spec, controller_cfg, seed, reference=None, **extra) -> ControllerSettings:
+    """How the controller is asked about a row: the task's prompt, the seed rows as demonstrations (and the
+    gold rows, once the reference has added them: ``Reference.demonstrations``)."""
+    texts, labels, emb = (reference.demonstrations if reference is not None and reference.demonstrations
+                          else (seed.texts, seed.labels, seed.embeddings))
     return ControllerSettings(
         controller=controller_cfg.model_dump(), labels=spec.label_names, descriptions=spec.descriptions,
-        instruction=spec.instruction, demo_texts=seed.texts, demo_labels=seed.labels,
-        demo_embeddings=seed.embeddings, **extra)
+        instruction=spec.instruction, demo_texts=texts, demo_labels=labels, demo_embeddings=emb, **extra)
 
 
 def _read_gold_file(spec) -> pd.DataFrame | None:
@@ -406,7 +411,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
             log(f"resuming: {len(done_shards)} shard(s) already labelled, {len(todo)} to go")
         n_ctrl = spec.runtime.controller_actors
         ctrl = _controller_settings(
-            spec, controller_cfg, seed, seed_answers=seed.answers, reference_answers=reference.answers,
+            spec, controller_cfg, seed, reference, seed_answers=seed.answers, reference_answers=reference.answers,
             max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
             max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
         )

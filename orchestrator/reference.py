@@ -37,6 +37,8 @@ class Reference:
     answers: dict = field(default_factory=dict)  # row id -> the controller's answer (as ControllerStage fills it)
     exclude_rows: set[int] = field(default_factory=set)  # input rows never trained on
     outside: dict = field(default_factory=dict)  # answers on rows of a gold file (not input rows)
+    # the controller's demonstration bank with the gold rows added (texts, labels, embeddings); None: the seed's
+    demonstrations: tuple | None = None
 
     @property
     def measured(self) -> bool:
@@ -94,6 +96,37 @@ def gold_check_set(staged, *, size: int, exclude_ids: set[str], exclude_texts: s
     return check, df["id"].astype(str).tolist()
 
 
+def with_gold_demonstrations(settings, check: CheckSet):
+    """``settings`` whose demonstration bank also holds the gold rows of ``check`` with their gold labels
+    (``controller.gold_demonstrations``): what the user labelled is the best evidence a prompt can show. The
+    controller never sees a row's own label (``ControllerStage.demonstrations`` leaves it out), so its
+    answers on these rows still measure it honestly. Unchanged without gold, demonstrations or the option."""
+    import dataclasses
+
+    from labelwright.specialists.encoder import Encoder
+
+    cfg = settings.controller
+    if not len(check) or check.source != "gold" or not cfg.get("gold_demonstrations", True) \
+            or not cfg.get("num_demonstrations", 4):
+        return settings
+    emb = np.asarray(Encoder(settings.encoder_model).encode(list(check.texts)), dtype=np.float32)
+    have = settings.demo_embeddings is not None and len(settings.demo_texts) > 0
+    return dataclasses.replace(
+        settings, demo_texts=(list(settings.demo_texts) if have else []) + list(check.texts),
+        demo_labels=(list(settings.demo_labels) if have else []) + list(check.labels),
+        demo_embeddings=np.vstack([settings.demo_embeddings, emb]) if have else emb)
+
+
+def _bank(settings, run_dir: Path) -> tuple:
+    """The demonstration bank, also saved as ``<run_dir>/reference/demonstrations.parquet`` (text, label)
+    so that what the controller was shown can be read back."""
+    where = Path(run_dir) / "reference"
+    where.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"text": settings.demo_texts, "label": settings.demo_labels}).to_parquet(
+        where / "demonstrations.parquet", index=False)
+    return settings.demo_texts, settings.demo_labels, settings.demo_embeddings
+
+
 def _candidates(texts: list[str], checkpoints: dict[str, str], labels: list[str], k: int) -> list[list[str]]:
     """The stage-0 specialists' top ``k`` labels per text: the choices a hard row's prompt offers."""
     from labelwright.specialists.registry import load_specialist
@@ -116,7 +149,8 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
 
     size = spec.voting.reference_rows if spec.voting.route == "measured" else 0
     if size == 0:  # routing by the rule alone: the gold check rows (if any) still check the stages
-        return Reference(gold_check, {}, set(gold_check.rows or []))
+        settings = with_gold_demonstrations(settings, gold_check)
+        return Reference(gold_check, {}, set(gold_check.rows or []), demonstrations=_bank(settings, run_dir))
     from_file = gold_file_rows is not None
     gold = len(gold_check) > 0 or from_file
     if from_file:  # labelled rows of their own: the reference, and the check of every stage
@@ -138,6 +172,11 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
                 f"{MAX_AUDIT_SHARE:.0%} of them, fewer than stages.min_check_rows={spec.stages.min_check_rows}); "
                 "the voting rule routes alone")
             return Reference(gold_check, {}, set())
+    before = len(settings.demo_texts)
+    settings = with_gold_demonstrations(settings, gold_check)
+    if len(settings.demo_texts) > before:
+        log(f"controller: {len(settings.demo_texts) - before} gold rows join the {before} seed rows its nearest "
+            "demonstrations are drawn from (controller.gold_demonstrations; a row never sees its own)")
     where = Path(run_dir) / "reference"
     table, meta_path = where / "reference.parquet", where / "meta.json"
     meta = {"source": "gold" if gold else "audit", "ids": picked["id"].astype(str).tolist(),
@@ -185,7 +224,7 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
     else:
         log(f"reference: the controller answered {answered}/{len(asked)} audit rows")
     if from_file:  # not input rows: nothing to fill in the output, and the calls are not the input's share
-        return Reference(check, {}, set(), outside=answers)
+        return Reference(check, {}, set(), outside=answers, demonstrations=_bank(settings, run_dir))
     return Reference(check, {str(k): v for k, v in answers.items()},
-                     set(gold_check.rows or []) | set(asked["row"].astype(int)))
+                     set(gold_check.rows or []) | set(asked["row"].astype(int)), demonstrations=_bank(settings, run_dir))
 

@@ -58,9 +58,24 @@ def diverse_sample(x: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def nearest(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
-    """For L2-normalised rows, the indices of the ``k`` most similar bank rows per query, best first."""
-    if bank.shape[0] == 0 or k <= 0:
-        return np.zeros((queries.shape[0], 0), dtype=np.int64)
+def nearest(queries: np.ndarray, bank: np.ndarray, k: int, *, query_texts: list[str] | None = None,
+            bank_texts: list[str] | None = None) -> list[list[int]]:
+    """For L2-normalised rows, the indices of the ``k`` most similar bank rows per query, best first.
+
+    With ``query_texts`` and ``bank_texts``, a bank row with the query's own text is never among them
+    (leave-one-out: a labelled row in the bank must not hand a query its own label)."""
+    n = 0 if bank.shape[0] == 0 or k <= 0 else min(k, bank.shape[0])
+    if n == 0:
+        return [[] for _ in range(queries.shape[0])]
     sims = np.asarray(queries, dtype=np.float32) @ np.asarray(bank, dtype=np.float32).T
-    return top_candidates(sims, k)
+    same = set()
+    if query_texts is not None and bank_texts is not None:
+        where: dict[str, list[int]] = {}
+        for j, t in enumerate(bank_texts):
+            where.setdefault(t, []).append(j)
+        for i, t in enumerate(query_texts):
+            for j in where.get(t, ()):
+                sims[i, j] = -np.inf
+                same.add((i, j))
+    idx = top_candidates(sims, n)
+    return [[int(j) for j in row if (i, int(j)) not in same] for i, row in enumerate(idx)]

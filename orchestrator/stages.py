@@ -229,7 +229,8 @@ class ControllerStage:
         if self.encoder is None:
             return None
         q = self.encoder.encode(texts)
-        idx = nearest(q, self.s.demo_embeddings, self.config.num_demonstrations)
+        idx = nearest(q, self.s.demo_embeddings, self.config.num_demonstrations, query_texts=list(texts),
+                      bank_texts=self.s.demo_texts)
         # most similar last: closest to the question in the prompt
         return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
 

@@ -66,6 +66,18 @@ def last_fenced_text(request: Mapping[str, Any]) -> str | None:
     return None
 
 
+def demonstrations(request: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (text, label) demonstrations of a request: each user turn but the last, with the label of the
+    assistant turn after it."""
+    out, messages = [], list(request.get("messages", []))
+    for message, reply in zip(messages, messages[1:]):
+        if message.get("role") == "user" and reply.get("role") == "assistant":
+            found = _FENCED.findall(message.get("content") or "")
+            if found:
+                out.append((html.unescape(found[-1]), json.loads(reply["content"])["label"]))
+    return out
+
+
 def label_reply(label: str) -> str:
     return json.dumps({"label": label})
 

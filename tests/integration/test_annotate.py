@@ -14,7 +14,8 @@ from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.plan import load_plan
 from labelwright.orchestrator.spec import load_task
 from tests.conftest import movie_slice
-from tests.fake_openai import FakeOpenAI, HTTPError, candidate_oracle, garbage, http_error, oracle, script
+from tests.fake_openai import (FakeOpenAI, HTTPError, candidate_oracle, demonstrations, garbage, http_error,
+                               last_fenced_text, oracle, script)
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
 
@@ -196,6 +197,13 @@ def test_routing_by_gold_reference_rows_settles_where_the_specialists_beat_the_c
             assert (settled == (support >= gate["threshold"] - 1e-6)).all()
         assert report["llm_share"] == pytest.approx((res["llm_calls"].gt(0) | res["decided_by"].eq("controller")
                                                     ).mean())
+        # the gold rows join the demonstrations with their gold labels (not the controller's flipped ones),
+        # and no row is shown its own
+        gold = dict(zip(refs["text"], refs["gold"]))
+        shown = [(last_fenced_text(r), demonstrations(r)) for r in server.requests]
+        assert all(q not in {t for t, _ in demos} for q, demos in shown)
+        gold_shown = [(t, lab) for _, demos in shown for t, lab in demos if t in gold]
+        assert gold_shown and all(gold[t] == lab for t, lab in gold_shown)
         # resume after losing a shard: its reference rows come from the run directory, not the endpoint
         (tmp_path / "o.run" / "parts" / "part-00001.parquet").unlink()
         lost = res[(res["row"] >= 50) & (res["row"] < 100)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -439,3 +440,34 @@ def test_the_controller_stage_lets_a_fitted_combination_overrule_its_answer(tmp_
     assert out["controller_label"].tolist() == ["negative"] * 3
     assert out["controller_confidence"].iloc[0] == pytest.approx(0.6)
     assert not {"combine_logits", "combine_weight", "hard", "shortlist"} & set(out.columns)
+
+
+def test_gold_rows_join_the_demonstrations_and_no_row_sees_its_own(tmp_path):
+    """With gold rows, the controller's nearest demonstrations come from them (gold labels) as well as from
+    the seed rows; asked about a gold row, the controller is shown the others, never its own label."""
+    from labelwright.orchestrator.reference import with_gold_demonstrations
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+    from labelwright.specialists.encoder import Encoder
+    from labelwright.training.stage import CheckSet
+
+    seed_texts = ["a wonderful film", "a dreadful film"]
+    settings = ControllerSettings(
+        controller={"base_url": "http://127.0.0.1:9/v1", "model": "fake-model", "cache": False,
+                    "num_demonstrations": 2, "cache_path": str(tmp_path / "c.sqlite")},
+        labels=LABELS, descriptions={}, instruction="", demo_texts=seed_texts, demo_labels=["positive", "negative"],
+        demo_embeddings=Encoder("minilm").encode(seed_texts))
+    gold = CheckSet(["the acting was superb", "the plot was boring"], ["positive", "negative"], "gold", rows=[3, 7])
+    banked = with_gold_demonstrations(settings, gold)
+    assert banked.demo_texts == seed_texts + gold.texts
+    assert banked.demo_labels == ["positive", "negative", "positive", "negative"]
+    assert banked.demo_embeddings.shape[0] == 4 and settings.demo_texts == seed_texts  # the original untouched
+    stage = ControllerStage(banked)
+    shown = stage.demonstrations(gold.texts + ["the acting was superb!"])
+    stage.controller.close()
+    assert all(text not in {t for t, _ in demos} for text, demos in zip(gold.texts, shown))
+    assert all(len(demos) == 2 for demos in shown)
+    assert ("the acting was superb", "positive") in shown[2]  # a row that is not a gold row may see it
+    # not without gold, nor when the option is off
+    assert with_gold_demonstrations(settings, CheckSet(gold.texts, gold.labels, "audit", rows=[3, 7])) is settings
+    off = dataclasses.replace(settings, controller={**settings.controller, "gold_demonstrations": False})
+    assert with_gold_demonstrations(off, gold) is off

@@ -29,5 +29,15 @@ def test_diverse_sample_covers_every_blob_with_distinct_rows():
 def test_nearest_best_first():
     bank = np.eye(3, dtype=np.float32)
     q = np.array([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]], dtype=np.float32)
-    assert nearest(q, bank, 2).tolist() == [[0, 1], [2, 1]]
-    assert nearest(q, bank[:0], 2).shape == (2, 0)
+    assert nearest(q, bank, 2) == [[0, 1], [2, 1]]
+    assert nearest(q, bank[:0], 2) == [[], []]
+
+
+def test_nearest_leaves_out_the_querys_own_text():
+    """A gold row in the demonstration bank must never be shown its own label: the next nearest takes its place."""
+    bank = np.eye(3, dtype=np.float32)
+    q = np.array([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]], dtype=np.float32)
+    texts = ["a", "b", "c"]
+    assert nearest(q, bank, 2, query_texts=["a", "z"], bank_texts=texts) == [[1, 2], [2, 1]]
+    assert nearest(q, bank, 3, query_texts=["a", "c"], bank_texts=texts) == [[1, 2], [1, 0]]  # fewer than k left
+    assert nearest(q, bank, 1, query_texts=["a", "a"], bank_texts=["a", "a", "c"]) == [[2], [2]]  # duplicates too

@@ -70,3 +70,17 @@ def test_stage_settings():
         load_task(None, {"labels": "a,b", "stages": {"replay_ratio": -1}})
     off = load_task(None, {"labels": "a,b", "stages": {"enabled": False, "every_rows": None}})
     assert not off.stages.enabled
+
+
+def test_settings_added_at_their_default_leave_a_runs_fingerprint_as_it_was(tmp_path):
+    """A run started before voting.combine and controller.gold_demonstrations existed still resumes; a run
+    that changes either does not (its labels would come from other prompts or rules)."""
+    from labelwright.orchestrator.job import _task_fingerprint
+
+    def fingerprint(**over):
+        return _task_fingerprint(load_task(None, {"labels": "a,b", **over}), tmp_path / "in.csv", None)
+
+    base = fingerprint()
+    assert "combine" not in base["task"]["voting"] and "gold_demonstrations" not in base["task"]["controller"]
+    assert fingerprint(controller={"gold_demonstrations": False}) != base
+    assert fingerprint(voting={"combine": "never"}) != base
