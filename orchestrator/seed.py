@@ -68,14 +68,11 @@ def nearest(queries: np.ndarray, bank: np.ndarray, k: int, *, query_texts: list[
     if n == 0:
         return [[] for _ in range(queries.shape[0])]
     sims = np.asarray(queries, dtype=np.float32) @ np.asarray(bank, dtype=np.float32).T
-    same = set()
     if query_texts is not None and bank_texts is not None:
         where: dict[str, list[int]] = {}
         for j, t in enumerate(bank_texts):
             where.setdefault(t, []).append(j)
         for i, t in enumerate(query_texts):
-            for j in where.get(t, ()):
-                sims[i, j] = -np.inf
-                same.add((i, j))
+            sims[i, where.get(t, [])] = -np.inf  # ranked last, and dropped below
     idx = top_candidates(sims, n)
-    return [[int(j) for j in row if (i, int(j)) not in same] for i, row in enumerate(idx)]
+    return [[int(j) for j in row if sims[i, j] > -np.inf] for i, row in enumerate(idx)]
