@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
 from labelwright.specialists.errors import ConfigError, ControllerError, InputDataError
-from labelwright.orchestrator.report import accuracy, build_report, sent_to_llm, summary
+from labelwright.orchestrator.report import CONTROLLER_DECIDED, accuracy, build_report, sent_to_llm, summary
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
-    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage,
+    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, combined_decision,
 )
 
 
@@ -453,6 +453,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     if spec.stages.recheck:
         df, stages_report["recheck"] = _recheck(df, vote, learning.stage, spec.runtime.vote_batch_size, log,
                                                 gate=learning.gate)
+    if spec.stages.final_vote and learning.check.source == "gold" and vote.calibrated and learning.gate is not None:
+        df, stages_report["final_vote"] = _final_vote(df, vote, learning, names, spec.runtime.vote_batch_size, log)
     df = _order_columns(df, names, staged.passthrough)
     write_frame(df, output, output_format)
     wall = time.monotonic() - t0
@@ -503,6 +505,14 @@ def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -
     return calls, tokens
 
 
+def _revote(rows: pd.DataFrame, vote: VoteSettings, batch_size: int, gate=None) -> pd.DataFrame:
+    """``rows`` voted again by the deployed specialists (the vote stage's columns), on the same index."""
+    voter = VoteStage(vote, gate)
+    parts = [voter(rows.iloc[start:start + batch_size][["text", "skip_reason"]].copy())
+             for start in range(0, len(rows), batch_size)]
+    return pd.concat(parts, ignore_index=True).set_axis(rows.index)
+
+
 def _recheck(df: pd.DataFrame, vote: VoteSettings, stage: int, batch_size: int, log,
              gate=None) -> tuple[pd.DataFrame, dict]:
     """Re-vote rows settled by consensus before the last stage with the final specialists. The answer
@@ -511,11 +521,8 @@ def _recheck(df: pd.DataFrame, vote: VoteSettings, stage: int, batch_size: int, 
     df = df.assign(recheck_label=None)
     if old.empty:
         return df, {"rows": 0, "changed": 0, "now_hard": 0}
-    voter = VoteStage(vote, gate)
-    labels = []
-    for start in range(0, len(old), batch_size):
-        part = voter(old.iloc[start:start + batch_size][["text", "skip_reason"]].copy())
-        labels += [None if h else lab for h, lab in zip(part["hard"], part["specialists_label"])]
+    part = _revote(old, vote, batch_size, gate)
+    labels = [None if h else lab for h, lab in zip(part["hard"], part["specialists_label"])]
     df.loc[old.index, "recheck_label"] = pd.Series(labels, index=old.index, dtype=object)
     new = df.loc[old.index, "recheck_label"]
     changed = new.notna() & (new != old["label"])
@@ -553,3 +560,59 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
     missing = [i for i in expected if i in buffers]
     if missing:
         raise InputDataError(f"internal check failed: shards {missing} did not complete")
+
+
+def _final_vote(df: pd.DataFrame, vote: VoteSettings, learning, names: list[str], batch_size: int,
+                log) -> tuple[pd.DataFrame, dict]:
+    """The controller's rows voted before the last stage, which its specialists never trained on, decided again
+    by that stage: its routing measured the specialists on the gold reference rows, so where it settles a row
+    their label is the better bet than the controller's (``decided_by: specialists``), and on the rows it leaves
+    to the controller its combination, where that pays, decides (``combined``); elsewhere the controller's answer
+    stands. Seed and reference rows keep theirs; rows the specialists trained on are left alone (they learned
+    the controller's answers there, so their votes say nothing new). The votes written are the final ones."""
+    stage = learning.stage
+    trained = learning.trained_rows()
+    reference = df["reference"].astype(bool) if "reference" in df.columns else False
+    mask = (df["decided_by"].isin(CONTROLLER_DECIDED) & df["controller_label"].notna()
+            & (df["stage"] < stage).fillna(False).astype(bool) & ~df["seed"].astype(bool) & ~reference
+            & ~df["row"].isin(trained))
+    rows = df[mask]
+    out = {"stage": stage, "rows": int(len(rows)), "trained_rows_left": int(df["row"].isin(trained).sum()),
+           "settled": 0, "changed": 0, "decided_by": {}}
+    if rows.empty:
+        return df, out
+    votes = _revote(rows, vote, batch_size, learning.gate)
+    before = rows["label"]
+    for col in [c for n in names for c in (f"vote_{n}", f"prob_{n}", f"version_{n}")] + ["specialists_label"]:
+        df.loc[rows.index, col] = votes[col]
+    decided = {}
+    for i in rows.index:
+        answer, conf = df.at[i, "controller_label"], df.at[i, "controller_confidence"]
+        label, who, p = answer, "controller", conf
+        if not votes.at[i, "hard"]:
+            label, who, p = votes.at[i, "specialists_label"], "specialists", votes.at[i, "vote_confidence"]
+        elif votes.at[i, "combine_logits"] is not None:
+            label, p = combined_decision(votes.at[i, "combine_logits"], votes.at[i, "combine_weight"], answer, conf,
+                                         vote.labels)
+            who = "combined"
+        if label == answer:
+            label, who, p = answer, "controller", conf
+        decided[i] = (label, who, p)
+    df.loc[rows.index, "label"] = [decided[i][0] for i in rows.index]
+    df.loc[rows.index, "decided_by"] = [decided[i][1] for i in rows.index]
+    df.loc[rows.index, "confidence"] = [decided[i][2] for i in rows.index]
+    df["stage"] = learning.row_stages(df, names)
+    changed = df.loc[rows.index, "label"] != before
+    out.update(settled=int((~votes["hard"].astype(bool)).sum()), changed=int(changed.sum()),
+               decided_by={k: int(v) for k, v in df.loc[rows.index[changed], "decided_by"].value_counts().items()})
+    if "gold" in df.columns:
+        g = rows.index[changed & df.loc[rows.index, "gold"].notna()]
+        if len(g):
+            out.update(gold_rows=int(len(g)), accuracy_before=accuracy(before[g], df.loc[g, "gold"]),
+                       accuracy_after=accuracy(df.loc[g, "label"], df.loc[g, "gold"]))
+    log(f"final vote: {out['rows']} of the controller's rows voted before stage {stage}, never trained on, were "
+        f"voted again by stage {stage}: {out['settled']} settled by its routing, {out['changed']} labels changed"
+        + (f" (right {out['accuracy_after']:.1%} after, {out['accuracy_before']:.1%} before, on {out['gold_rows']} "
+           "of them with gold)" if out.get("gold_rows") else "")
+        + f"; {out['trained_rows_left']} rows the specialists trained on keep their label")
+    return df, out

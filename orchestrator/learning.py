@@ -127,6 +127,15 @@ class StagedLearning:
     def training(self) -> bool:
         return self._future is not None
 
+    def trained_rows(self) -> set[int]:
+        """Rows of the input the deployed specialists may have trained on: every buffered controller row up to the
+        last stage's (kept rows only; held-out rows are never trained on). The seed rows are not counted here."""
+        frame = self.buffer.frame()
+        if frame.empty:
+            return set()
+        upto = self.records[-1]["upto_seq"]
+        return set(frame.loc[(frame["seq"] <= upto) & ~frame["holdout"].astype(bool), "row"].astype(int))
+
     def _check_set(self) -> CheckSet:
         if self.check.source != "controller":  # gold rows or the audit sample: fixed for the whole run
             return self.check

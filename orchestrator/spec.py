@@ -113,6 +113,9 @@ class StagesConfig(_Strict):
     min_check_rows: int = Field(default=20, ge=1)  # fewer held-out rows than this: a stage is accepted unchecked
     rollback_tolerance: float = Field(default=0.01, ge=0, le=1)  # accuracy a stage may lose before rollback
     recheck: bool = False  # re-vote earlier consensus rows with the final specialists; report changes
+    # with gold reference rows: the controller's rows the final specialists never trained on are decided again
+    # by the last stage's routing and combination (the controller's answer stays in controller_label)
+    final_vote: bool = True
 
     @model_validator(mode="after")
     def _some_trigger(self) -> "StagesConfig":

@@ -44,6 +44,14 @@ def vote_columns(names: Sequence[str]) -> list[str]:
 INTERNAL_COLUMNS = ["hard", "shortlist", "vote_confidence", "combine_logits", "combine_weight"]
 
 
+def combined_decision(logits, weight: float, answer: str, confidence, labels: Sequence[str]) -> tuple[str, float]:
+    """The label and probability the combination gives a row: the specialists' part of its logits (what the
+    vote stage computed), its weight on the controller, and the controller's ``answer`` with its ``confidence``."""
+    ctrl = controller_probs([answer], [confidence], labels)[0]
+    k, p = combined_label(np.asarray(logits, dtype=np.float64), float(weight), ctrl)
+    return labels[k], p
+
+
 class VoteStage:
     def __init__(self, settings: VoteSettings, gate=None):
         self.s = settings
@@ -241,11 +249,10 @@ class ControllerStage:
         logits = batch.at[i, "combine_logits"] if "combine_logits" in batch.columns else None
         if logits is None or res["decided_by"][i] != "controller":
             return
-        labels = self.s.labels
-        ctrl = controller_probs([res["label"][i]], [res["controller_confidence"][i]], labels)[0]
-        k, p = combined_label(np.asarray(logits, dtype=np.float64), float(batch.at[i, "combine_weight"]), ctrl)
-        if labels[k] != res["label"][i]:
-            res["label"][i], res["decided_by"][i], res["confidence"][i] = labels[k], "combined", p
+        label, p = combined_decision(logits, batch.at[i, "combine_weight"], res["label"][i],
+                                     res["controller_confidence"][i], self.s.labels)
+        if label != res["label"][i]:
+            res["label"][i], res["decided_by"][i], res["confidence"][i] = label, "combined", p
 
     @staticmethod
     def _fill(res: dict, i: int, a: dict) -> None:

@@ -212,6 +212,35 @@ def test_routing_by_gold_reference_rows_settles_where_the_specialists_beat_the_c
         assert server.chat_calls - calls == asked_again
 
 
+def test_final_vote_redecides_untrained_controller_rows_with_the_last_stage(ray_cluster, movie, tmp_path):
+    """Stage 1 finishes; the controller's rows voted at stage 0 that it never trained on (the held-out gold
+    rows that are not reference rows, among them) are voted again: labels change only there, to the final
+    specialists' label where the routing settles them, and the controller's own answer is kept."""
+    path, df = movie
+    flipped = {t: (("negative" if g == "positive" else "positive") if i % 3 == 0 else g)
+               for i, (t, g) in enumerate(zip(df["text"], df["label"]))}
+    with FakeOpenAI(oracle(flipped)) as server:
+        spec = spec_for(server, voting={"route": "measured", "max_loss": 0.2, "reference_rows": 20},
+                        runtime={"vote_batch_size": 20},
+                        stages={"every_rows": 25, "max_stages": 1, "wait": True, "min_check_rows": 10})
+        report = annotate(path, spec=spec, output=tmp_path / "o.parquet", report_path=tmp_path / "r.json")
+    res = pd.read_parquet(tmp_path / "o.parquet")
+    assert res["row"].tolist() == list(range(len(df)))
+    fv = report["stages"]["final_vote"]
+    assert fv["stage"] == 1 == report["stages"]["stages"][-1]["stage"] and fv["rows"] > 0
+    trained = set(pd.concat([pd.read_parquet(p) for p in (tmp_path / "o.run" / "buffer").glob("*.parquet")])["row"])
+    mine = res[res["decided_by"] == "specialists"]
+    assert len(mine) == fv["decided_by"].get("specialists", 0) and fv["changed"] == (res["label"] != res["controller_label"]
+                                                                                     ).sum()
+    assert not mine["row"].isin(trained).any() and not (mine["seed"] | mine["reference"]).any()
+    assert (mine["label"] == mine["specialists_label"]).all() and (mine["label"] != mine["controller_label"]).all()
+    assert (mine["controller_label"] == mine["text"].map(flipped)).all()
+    assert (mine["stage"] == 1).all()
+    kept = res[res["seed"] | res["reference"] | res["row"].isin(trained)]
+    assert (kept["label"] == kept["text"].map(flipped)).all()  # the controller's answers there stand
+    assert report["llm_share"] == pytest.approx((res["llm_calls"].gt(0) | res["cached"]).mean())
+
+
 def test_without_gold_an_audit_of_random_rows_is_the_reference(ray_cluster, movie, tmp_path):
     path, df = movie
     with FakeOpenAI(oracle(dict(zip(df["text"], df["label"])))) as server:

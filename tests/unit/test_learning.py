@@ -201,3 +201,69 @@ def test_gold_check_set_is_fixed_skips_seed_and_unlabelled_rows_and_keeps_three_
     small, _ = gold_check_set(staged, size=5, exclude_ids=set(), exclude_texts=set())
     assert len(small) == 5
     assert gold_check_set(staged, size=0, exclude_ids=set(), exclude_texts=set())[1] == []
+
+
+def test_final_vote_redecides_only_untrained_controller_rows_from_earlier_stages(monkeypatch):
+    import numpy as np
+
+    import labelwright.orchestrator.job as job
+    from labelwright.orchestrator.stages import VoteSettings
+
+    n = 8
+    df = pd.DataFrame({
+        "row": range(n), "text": [f"t{i}" for i in range(n)], "skip_reason": None,
+        "label": ["negative", "negative", "negative", "negative", "negative", "positive", "negative", "negative"],
+        "controller_label": ["negative"] * n, "controller_confidence": [0.6] * n, "confidence": [0.6] * n,
+        "decided_by": ["controller"] * 5 + ["combined", "controller", "controller"],
+        "seed": [False, False, False, True, False, False, False, False],
+        "reference": [False, False, True, False, False, False, False, False],
+        "vote_a": "negative", "prob_a": 0.5, "version_a": ["v0"] * 6 + ["v1", "v0"], "specialists_label": "negative",
+        "gold": ["positive", "negative", "negative", "negative", "positive", "negative", "negative", "negative"],
+    })
+    df["stage"] = df["version_a"].map({"v0": 0, "v1": 1}).astype("Int64")
+    asked = []
+
+    def revote(rows, vote, batch_size, gate=None):
+        asked.extend(rows["row"])
+        by_row = {  # row -> (hard, specialists' label, combine logits)
+            0: (False, "positive", None), 4: (True, "negative", [-5.0, 5.0]), 5: (True, "negative", None),
+            7: (False, "negative", None)}
+        out = pd.DataFrame([{"vote_a": by_row[r][1], "prob_a": 0.99, "version_a": "v1", "specialists_label": by_row[r][1],
+                             "vote_confidence": 0.99, "hard": by_row[r][0], "combine_logits": by_row[r][2],
+                             "combine_weight": 1.0} for r in rows["row"]])
+        return out.set_axis(rows.index)
+
+    class Learning:
+        stage, gate = 1, None
+
+        def trained_rows(self):
+            return {1}
+
+        def row_stages(self, frame, names):
+            return frame["version_a"].map({"v0": 0, "v1": 1}).astype("Int64")
+
+    monkeypatch.setattr(job, "_revote", revote)
+    vote = VoteSettings(labels=LABELS, endpoints={})
+    out, rep = job._final_vote(df.copy(), vote, Learning(), ["a"], 128, lambda m: None)
+    assert sorted(asked) == [0, 4, 5, 7]  # not trained on (1), a reference (2) or seed (3) row, nor stage 1's (6)
+    assert out.loc[0, ["label", "decided_by", "version_a"]].tolist() == ["positive", "specialists", "v1"]
+    assert out.loc[4, ["label", "decided_by"]].tolist() == ["positive", "combined"]
+    assert out.loc[5, ["label", "decided_by", "confidence"]].tolist() == ["negative", "controller", 0.6]
+    assert out.loc[7, ["label", "decided_by"]].tolist() == ["negative", "controller"]
+    assert out.loc[[1, 2, 3, 6], "label"].tolist() == df.loc[[1, 2, 3, 6], "label"].tolist()
+    assert out["stage"].tolist() == [1, 0, 0, 0, 1, 1, 1, 1]
+    assert rep["rows"] == 4 and rep["settled"] == 2 and rep["changed"] == 3
+    assert rep["decided_by"] == {"specialists": 1, "combined": 1, "controller": 1}
+    assert rep["gold_rows"] == 3 and rep["accuracy_before"] == pytest.approx(0.0) and rep["accuracy_after"] == 1.0
+    assert np.isclose(rep["trained_rows_left"], 1)
+
+
+def test_trained_rows_are_the_kept_buffer_rows_up_to_the_last_stage(tmp_path, movie):
+    spec = load_task(None, {"labels": LABELS, "specialists": [{"name": "tfidf", "kind": "tfidf_linear", "model": "tfidf"}],
+                            "stages": {"every_rows": 1000}})
+    learning = make(spec, tmp_path, movie, [])
+    learning.observe(batch(movie, 60, 100))
+    assert learning.trained_rows() == set()  # stage 0 trained on the seed only
+    learning.records[-1]["upto_seq"] = 19
+    assert learning.trained_rows() == set(range(60, 80))
+    learning.finish()
