@@ -136,7 +136,8 @@ def build_seed(
         })
         ok = df["label"].notna().to_numpy()
         log(f"seed: controller labelled {int(ok.sum())}/{len(df)} rows "
-            f"({len(df) - int(ok.sum())} unresolved; they will be voted on like any other row)")
+            f"({len(df) - int(ok.sum())} unresolved: those that failed for a reason that may pass, endpoint errors, are "
+            "voted and asked again like any other row; the others keep their reason)")
     seed_dir.mkdir(parents=True, exist_ok=True)
     df.to_parquet(table_path.with_suffix(".tmp"), index=False)
     np.save(emb_path.with_suffix(".tmp.npy"), emb)

@@ -53,6 +53,10 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="label only the first N rows")
     p.add_argument("--run-dir", help="where checkpoints, the seed set and partial output go (default: OUTPUT.run)")
     p.add_argument("--fresh", action="store_true", help="discard the run directory and start over")
+    p.add_argument("--retry-unresolved", action="store_true",
+                   help="ask again the rows an earlier run left unresolved for a reason that may pass (timeouts, "
+                        "HTTP 429/5xx, connection errors, an unusable response, the budget: the retryable column); "
+                        "the others keep their reason")
     p.add_argument("--plan", help="plan file (from `labelwright plan`) naming the specialists; default: the task's "
                                   "specialists, or a plan made now and saved as OUTPUT.plan.yaml")
     p.add_argument("--zoo", action="append", help="extra model zoo file (YAML/JSON) for planning; repeatable")
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.zoo:
                 spec.planning.zoo_files += args.zoo
             annotate(args.input, spec=spec, output=Path(args.output), run_dir=args.run_dir, report_path=args.report,
-                     output_format=args.format, limit=args.limit, fresh=args.fresh, plan_path=args.plan)
+                     output_format=args.format, limit=args.limit, fresh=args.fresh, plan_path=args.plan,
+                     retry_unresolved=args.retry_unresolved)
         elif args.command == "plan":
             _plan_command(args)
         elif args.command == "zoo":

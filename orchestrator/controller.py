@@ -35,6 +35,14 @@ LOCAL_DUMMY_KEY = "labelwright-local"  # sent to loopback endpoints when no key 
 _MAX_BACKOFF_S = 30.0
 _MAX_RETRY_AFTER_S = 60.0
 _GAVE_UP = "gave up after"
+_UNUSABLE = "the endpoint sent an unusable response"
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a request's failure may pass if asked again later: the retries ran out on timeouts, connection
+    errors or HTTP 408/409/429/5xx, or the body was unusable. Not a refused request (401/403, other 4xx), nor
+    an answer that named no valid label (the same prompt tends to get the same answer)."""
+    return reason.startswith((_GAVE_UP, _UNUSABLE))
 
 
 class ControllerConfig(BaseModel):
@@ -107,6 +115,7 @@ class ControllerAnswer(BaseModel):
     calls: int = 0  # HTTP requests made for this row (retries and the repair round included)
     cached: bool = False
     endpoint_down: bool = False  # unresolved because the endpoint kept failing (not because of the answer)
+    retryable: bool = False  # unresolved for a reason that may pass (see is_transient): --retry-unresolved asks again
 
     @property
     def resolved(self) -> bool:
@@ -363,6 +372,7 @@ class Controller:
         if error:
             answer = self._unresolved(error, None, tally, note)
             answer.endpoint_down = error.startswith(_GAVE_UP)
+            answer.retryable = is_transient(error)
             return answer
         content, tokens = _content_and_tokens(completion)
         chosen, problem = parse(content)
@@ -372,9 +382,11 @@ class Controller:
                                                           max_candidates=most)
             completion, error = self._request(messages, fmt, tally)
             if error:
-                return self._unresolved(
+                answer = self._unresolved(
                     f"first answer invalid ({first_problem}); the repair request failed: {error}", content, tally, note
                 )
+                answer.retryable = is_transient(error)
+                return answer
             content, tokens = _content_and_tokens(completion)
             chosen, problem = parse(content)
             if chosen is None:
@@ -461,7 +473,7 @@ class Controller:
                     return None, last + " (not retried: fix the request or the endpoint settings)"
                 retry_after = _retry_after(exc)
             except openai.APIError as exc:  # e.g. an unparseable response body
-                return None, f"the endpoint sent an unusable response: {exc}"
+                return None, f"{_UNUSABLE}: {exc}"
             if attempt < cfg.max_retries:
                 delay = min(_MAX_BACKOFF_S, cfg.backoff_s * (2**attempt)) * random.uniform(0.5, 1.5)
                 if retry_after is not None:

@@ -26,7 +26,7 @@ from labelwright.specialists.errors import ConfigError, ControllerError, InputDa
 from labelwright.orchestrator.report import CONTROLLER_DECIDED, accuracy, build_report, sent_to_llm, summary
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
-    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, combined_decision,
+    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again, combined_decision,
 )
 
 
@@ -145,9 +145,13 @@ def annotate(
     limit: int | None = None,
     fresh: bool = False,
     plan_path: str | Path | None = None,
+    retry_unresolved: bool = False,
     log: Callable[[str], None] = _log,
 ) -> dict:
     """Label every row of ``input_path``; write ``output`` (and ``report_path``); return the report.
+
+    ``retry_unresolved``: rows an earlier run of this run directory left unresolved for a reason that may pass
+    (the ``retryable`` column: endpoint failures, an exhausted budget) go through the pipeline again.
 
     The specialists come from ``plan_path`` (a plan file), else from the task's ``specialists`` list,
     else from a plan the controller makes now (``planning.mode``); the plan is saved next to the output.
@@ -240,6 +244,7 @@ def annotate(
             spec, staged, endpoints, seed, controller_cfg, learning, reference,
             run_dir=run_dir, output=output, output_format=output_format, report_path=report_path,
             timings=timings, t0=t0, log=log, plan=planned.record() if planned is not None else None, gpu=gpu,
+            retry_unresolved=retry_unresolved,
         )
     finally:
         learning.finish()
@@ -388,15 +393,16 @@ def _staged_learning(spec, staged, seed, checkpoints, reference, *, run_dir, tra
 
 
 def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, reference, *, run_dir, output,
-                      output_format, report_path, timings, t0, log, plan=None, gpu: bool = False) -> dict:
+                      output_format, report_path, timings, t0, log, plan=None, gpu: bool = False,
+                      retry_unresolved: bool = False) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
     parts_dir = run_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
-    done_shards = {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
+    done_shards = _finished(staged, parts_dir)
     todo = [s for s in staged.shards if s.index not in done_shards]
-    used_calls, used_tokens = _usage_so_far(parts_dir, done_shards, [seed.answers, reference.answers, reference.outside])
+    asked_up_front = [seed.answers, reference.answers, reference.outside]
     names = [s.name for s in spec.specialists]
 
     t = time.monotonic()
@@ -406,33 +412,45 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                         max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
     done_rows = sum(s.n_rows for s in staged.shards if s.index in done_shards)
     learning.rows_seen = learning.rows_at_last_stage = done_rows
-    if todo:
-        if done_shards:
-            log(f"resuming: {len(done_shards)} shard(s) already labelled, {len(todo)} to go")
-        n_ctrl = spec.runtime.controller_actors
+    n_ctrl = spec.runtime.controller_actors
+
+    def label(ds, *, retry: bool = False):
+        # The budget left is what the finished shards and the answers asked up front have not spent, shared
+        # between the controller actors.
+        used_calls, used_tokens = _usage_so_far(parts_dir, _finished(staged, parts_dir), asked_up_front)
+        seed_answers, reference_answers = seed.answers, reference.answers
+        if retry:  # the failed answers bought up front: their spend is in the rows written the first time
+            seed_answers = {k: a for k, a in seed_answers.items() if not ask_again(a)}
+            reference_answers = {k: a for k, a in reference_answers.items() if not ask_again(a)}
         ctrl = _controller_settings(
-            spec, controller_cfg, seed, reference, seed_answers=seed.answers, reference_answers=reference.answers,
+            spec, controller_cfg, seed, reference, seed_answers=seed_answers, reference_answers=reference_answers,
             max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
             max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
         )
-        # One read task per shard, then blocks of one batch each (a streaming repartition): the
-        # driver sees every batch as soon as it is labelled, which is what progress, the stage
-        # trigger and the swap act on. Left to itself, Ray Data reads small inputs as one block.
-        ds = ray.data.read_parquet([str(s.path) for s in todo], override_num_blocks=len(todo))
+        # Blocks of one batch each (a streaming repartition): the driver sees every batch as soon as it is
+        # labelled, which is what progress, the stage trigger and the swap act on.
         ds = ds.repartition(target_num_rows_per_block=spec.runtime.vote_batch_size)
         if spec.stages.enabled:
             # One operator, so rows are voted just before they are routed (see LabelStage).
-            ds = ds.map_batches(LabelStage, fn_constructor_args=(vote, ctrl, learning.gate), batch_format="pandas",
-                                batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
-                                compute=ActorPoolStrategy(size=n_ctrl))
-        else:
-            ds = ds.map_batches(VoteStage, fn_constructor_args=(vote, learning.gate), batch_format="pandas",
-                                batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
-                                compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
-            ds = ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
-                                batch_size=spec.runtime.vote_batch_size, num_cpus=0.25,
-                                compute=ActorPoolStrategy(size=n_ctrl))
-        _write_parts(ds, staged, todo, parts_dir, done_rows=done_rows, learning=learning, log=log)
+            return ds.map_batches(LabelStage, fn_constructor_args=(vote, ctrl, learning.gate), batch_format="pandas",
+                                  batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
+                                  compute=ActorPoolStrategy(size=n_ctrl))
+        ds = ds.map_batches(VoteStage, fn_constructor_args=(vote, learning.gate), batch_format="pandas",
+                            batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
+                            compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
+        return ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
+                              batch_size=spec.runtime.vote_batch_size, num_cpus=0.25,
+                              compute=ActorPoolStrategy(size=n_ctrl))
+
+    if todo:
+        if done_shards:
+            log(f"resuming: {len(done_shards)} shard(s) already labelled, {len(todo)} to go")
+        # One read task per shard: left to itself, Ray Data reads small inputs as one block.
+        ds = ray.data.read_parquet([str(s.path) for s in todo], override_num_blocks=len(todo))
+        _write_parts(label(ds), staged, todo, parts_dir, done_rows=done_rows, learning=learning, log=log)
+    retried = None
+    if retry_unresolved:
+        retried = _retry_unresolved([s for s in staged.shards if s.index in done_shards], parts_dir, label, log)
     learning.finish()
     label_s = time.monotonic() - t
     timings["label"] = label_s
@@ -468,7 +486,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                "reference": reference.usage(),
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
-               "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan, **extra},
+               "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan,
+               **({"retried": retried} if retried is not None else {}), **extra},
     )
     from labelwright.orchestrator.report import plot_stages
 
@@ -481,6 +500,10 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     log(summary(report))
     log(f"output: {output}" + (f", report: {report_path}" if report_path else ""))
     return report
+
+
+def _finished(staged: StagedInput, parts_dir: Path) -> set[int]:
+    return {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
 
 
 def _share(limit: int | None, used: int, n: int) -> int | None:
@@ -535,6 +558,45 @@ def _recheck(df: pd.DataFrame, vote: VoteSettings, stage: int, batch_size: int, 
     log(f"recheck: {out['rows']} earlier consensus rows re-voted by stage {stage}: {out['changed']} would change, "
         f"{out['now_hard']} are now hard (reported in recheck_label, not applied)")
     return df, out
+
+
+def _retry_unresolved(shards, parts_dir: Path, label, log) -> dict:
+    """Ask again the rows of the finished ``shards`` left unresolved for a reason that may pass, through the
+    same pipeline (``label``); each shard's part is rewritten with the new rows in place of the old, their
+    LLM calls and tokens added to those already spent. A kill part-way leaves the parts as they were
+    (answers bought are in the controller's cache, where it is on)."""
+    import ray
+
+    parts, inputs = {}, []
+    for s in shards:
+        part = pd.read_parquet(parts_dir / f"part-{s.index:05d}.parquet")
+        retry = part["retryable"].fillna(False).astype(bool) if "retryable" in part.columns else False
+        rows = part.loc[(part["decided_by"] == "unresolved") & retry, "row"]
+        if len(rows):
+            parts[s.index] = part
+            staged = pd.read_parquet(s.path)
+            inputs.append(staged[staged["row"].isin(rows)])
+    out = {"rows": int(sum(len(i) for i in inputs)), "resolved": 0, "still_unresolved": 0}
+    if not inputs:
+        log("retry: no row of the earlier runs was left unresolved for a transient reason")
+        return out
+    log(f"retry: asking again {out['rows']} row(s) left unresolved by endpoint failures or the budget")
+    new = pd.concat(list(label(ray.data.from_pandas(pd.concat(inputs, ignore_index=True)), retry=True)
+                         .iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
+    if len(new) != out["rows"] or new["row"].duplicated().any():
+        raise InputDataError(f"internal check failed: {len(new)} rows came back from a retry of {out['rows']}")
+    new = new.set_index("row", drop=False)
+    for idx, part in parts.items():
+        again = new[new["row"].isin(part["row"])]
+        old = part.set_index("row", drop=False).loc[again.index]
+        again = again.assign(**{c: again[c] + old[c] for c in ("llm_calls", "prompt_tokens", "completion_tokens")})
+        merged = pd.concat([part[~part["row"].isin(again.index)], again[part.columns]], ignore_index=True)
+        write_frame(merged.sort_values("row").reset_index(drop=True), parts_dir / f"part-{idx:05d}.parquet",
+                    "parquet")
+    still = int((new["decided_by"] == "unresolved").sum())
+    out.update(resolved=out["rows"] - still, still_unresolved=still)
+    log(f"retry: {out['resolved']} of {out['rows']} row(s) resolved, {still} still unresolved (see reason)")
+    return out
 
 
 def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: int, learning, log) -> None:

@@ -134,9 +134,15 @@ class ControllerSettings:
     endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
 
-RESULT_COLUMNS = ["label", "decided_by", "reason", "confidence", "controller_label", "controller_answer",
-                  "controller_confidence",
+RESULT_COLUMNS = ["label", "decided_by", "reason", "retryable", "confidence", "controller_label",
+                  "controller_answer", "controller_confidence",
                   "candidates", "prompt_tokens", "completion_tokens", "llm_calls", "cached", "seed", "reference"]
+
+
+def ask_again(answer: dict) -> bool:
+    """An answer bought up front (seed, reference) that failed for a reason that may pass: the row goes the way
+    of any other row (voted; asked again if hard) instead of keeping the failure."""
+    return answer.get("label") is None and bool(answer.get("retryable"))
 
 
 class ControllerStage:
@@ -169,18 +175,21 @@ class ControllerStage:
         n = len(batch)
         res = {c: [None] * n for c in RESULT_COLUMNS}
         res.update(prompt_tokens=[0] * n, completion_tokens=[0] * n, llm_calls=[0] * n,
-                   cached=[False] * n, seed=[False] * n, reference=[False] * n)
+                   cached=[False] * n, seed=[False] * n, reference=[False] * n, retryable=[False] * n)
         ask: list[int] = []
+        earlier: dict[int, dict] = {}  # rows whose answer bought up front failed and that are asked again
         for i in range(n):
             row_id = batch.at[i, "id"]
-            if row_id in self.s.seed_answers:
-                a = self.s.seed_answers[row_id]
-                self._fill(res, i, a)
-                res["seed"][i] = True
-            elif str(row_id) in self.s.reference_answers:  # asked up front to measure routing on
-                self._fill(res, i, self.s.reference_answers[str(row_id)])
-                res["reference"][i] = True
-            elif isinstance(batch.at[i, "skip_reason"], str):
+            stored, flag = self.s.seed_answers.get(row_id), "seed"
+            if stored is None:  # asked up front to measure routing on
+                stored, flag = self.s.reference_answers.get(str(row_id)), "reference"
+            if stored is not None and not ask_again(stored):
+                self._fill(res, i, stored)
+                res[flag][i] = True
+                continue
+            if stored is not None:
+                earlier[i] = stored
+            if isinstance(batch.at[i, "skip_reason"], str):
                 res["decided_by"][i] = "unresolved"
                 res["reason"][i] = batch.at[i, "skip_reason"]
             elif not batch.at[i, "hard"]:
@@ -191,6 +200,10 @@ class ControllerStage:
                 ask.append(i)
         if ask:
             self._ask(batch, ask, res)
+        for i, a in earlier.items():  # the row carries what was spent on it up front too
+            for col, key in (("llm_calls", "calls"), ("prompt_tokens", "prompt_tokens"),
+                             ("completion_tokens", "completion_tokens")):
+                res[col][i] += int(a.get(key) or 0)
         for c, values in res.items():
             batch[c] = values
         return batch.drop(columns=[c for c in INTERNAL_COLUMNS if c in batch.columns])
@@ -205,6 +218,7 @@ class ControllerStage:
                 for i in part:
                     res["decided_by"][i] = "unresolved"
                     res["reason"][i] = stop
+                    res["retryable"][i] = True  # a later run with budget left may ask it
                 continue
             texts = [batch.at[i, "text"] for i in part]
             demos = self.demonstrations(texts)
@@ -261,6 +275,7 @@ class ControllerStage:
         res["decided_by"][i] = "controller" if ok else "unresolved"
         res["controller_label"][i] = a.get("label")
         res["reason"][i] = a.get("reason")
+        res["retryable"][i] = bool(a.get("retryable"))
         res["controller_answer"][i] = a.get("raw")
         res["controller_confidence"][i] = a.get("confidence")
         res["candidates"][i] = list(a["candidates"]) if a.get("candidates") else None

@@ -141,6 +141,55 @@ def test_budget_caps_llm_calls(ray_cluster, movie, tmp_path):
     budget_rows = res[res["reason"].fillna("").str.contains("budget exhausted")]
     assert len(budget_rows) > 0 and budget_rows["label"].isna().all()
     assert budget_rows["specialists_label"].notna().all()  # the specialists' guess is still there
+    assert budget_rows["retryable"].all()  # a re-run with budget left may ask them (--retry-unresolved)
+
+
+def test_retry_unresolved_asks_again_only_the_rows_that_failed_for_a_transient_reason(ray_cluster, movie, tmp_path):
+    path, df = movie
+    good = oracle(dict(zip(df["text"], df["label"])))
+    texts = list(df["text"])
+    flaky = set(texts[1::3])  # HTTP 503 on every try of the first run, answered afterwards
+    broken = set(texts[2::7]) - flaky  # never a valid label: not transient, so never asked again
+    state = {"up": False}
+
+    def responder(request):
+        text = last_fenced_text(request)
+        if text in broken:
+            return garbage()(request)
+        if text in flaky and not state["up"]:
+            return HTTPError(503, "overloaded")
+        return good(request)
+
+    with FakeOpenAI(responder) as server:
+        out = tmp_path / "out.parquet"
+        annotate(path, spec=spec_for(server), output=out)
+        first = pd.read_parquet(out)
+        unresolved = first[first["decided_by"] == "unresolved"]
+        transient = unresolved[unresolved["retryable"]]
+        kept = unresolved[~unresolved["retryable"]]
+        assert len(transient) > 0 and transient["text"].isin(flaky).all()
+        assert transient["reason"].str.contains("gave up after 2 attempts").all()
+        assert len(kept) > 0 and kept["text"].isin(broken).all()
+
+        state["up"] = True
+        calls = server.chat_calls
+        report = annotate(path, spec=spec_for(server), output=out, retry_unresolved=True)
+        asked = server.chat_calls - calls
+    again = pd.read_parquet(out)
+    assert len(again) == len(df) and again["row"].tolist() == list(range(len(df)))
+    assert report["retried"] == {"rows": len(transient), "resolved": len(transient), "still_unresolved": 0}
+    assert 0 < asked <= len(transient)  # only those rows (a later stage may settle some without the controller)
+    redone = again.set_index("row").loc[transient["row"]]
+    assert redone["decided_by"].ne("unresolved").all()
+    ctrl = redone[redone["decided_by"] == "controller"]
+    assert (ctrl["label"] == ctrl["gold"]).all()
+    assert (redone["llm_calls"] >= transient.set_index("row")["llm_calls"]).all()  # the failed calls still count
+    assert report["llm"]["calls"] == calls + asked  # every request of both runs counted once
+    others = again[~again["row"].isin(transient["row"])].reset_index(drop=True)
+    before = first[~first["row"].isin(transient["row"])].reset_index(drop=True)
+    # the same values (a part written again may store its strings as another dtype)
+    pd.testing.assert_series_equal(others["label"], before["label"], check_dtype=False)
+    pd.testing.assert_series_equal(others["reason"], before["reason"], check_dtype=False)  # the garbage rows keep theirs
 
 
 def test_calibrated_threshold_decides_which_agreeing_rows_are_settled(ray_cluster, movie, tmp_path):

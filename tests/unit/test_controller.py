@@ -147,6 +147,7 @@ def test_out_of_set_twice_is_unresolved_never_guessed(make):
     assert answer.label is None and answer.confidence is None
     assert answer.calls == 2 and fake.chat_calls == 2
     assert "after one repair round" in answer.reason and "'excellent'" in answer.reason
+    assert not answer.retryable  # the same prompt would get the same answer: --retry-unresolved leaves it
     assert answer.raw == '{"label": "excellent"}'
 
 
@@ -181,6 +182,7 @@ def test_retries_exhausted_is_unresolved(make):
         answer = make(fake.base_url, max_retries=2).label("x")
     assert answer.label is None and answer.calls == 3 and fake.chat_calls == 3
     assert "gave up after 3 attempts" in answer.reason and "HTTP 503" in answer.reason
+    assert answer.retryable and answer.endpoint_down
 
 
 def test_other_4xx_is_not_retried(make):
@@ -188,6 +190,7 @@ def test_other_4xx_is_not_retried(make):
         answer = make(fake.base_url).label("x")
     assert answer.label is None and answer.calls == 1
     assert "HTTP 400" in answer.reason and "does not support logprobs" in answer.reason
+    assert not answer.retryable  # a refused request fails again until the settings change
 
 
 def test_unreachable_endpoint_is_unresolved_quickly_and_check_endpoint_raises(make):
@@ -195,7 +198,7 @@ def test_unreachable_endpoint_is_unresolved_quickly_and_check_endpoint_raises(ma
     start = time.monotonic()
     answers = controller.label_many(["a", "b", "c"])
     assert time.monotonic() - start < 5
-    assert all(a.label is None and "cannot reach" in a.reason and a.calls == 3 for a in answers)
+    assert all(a.label is None and "cannot reach" in a.reason and a.calls == 3 and a.retryable for a in answers)
     with pytest.raises(ControllerError, match="cannot reach the controller endpoint .* start the server"):
         controller.check_endpoint()
 
@@ -211,7 +214,7 @@ def test_timeout_with_a_slow_server(make):
         answer = make(fake.base_url, timeout_s=0.2, max_retries=1).label("x")
         elapsed = time.monotonic() - start
     assert answer.label is None and answer.calls == 2
-    assert "did not answer within controller.timeout_s=0.2" in answer.reason
+    assert "did not answer within controller.timeout_s=0.2" in answer.reason and answer.retryable
     assert elapsed < 2.5
 
 
