@@ -161,7 +161,7 @@ def annotate(
     from labelwright.cluster import runtime
     from labelwright.cluster.deploy import delete_specialists, deploy_specialists
     from labelwright.specialists.encoder import Encoder
-    from labelwright.training.stage import train_stage
+    from labelwright.training.stage import cross_fittable, train_stage
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -226,6 +226,15 @@ def annotate(
     t = time.monotonic()
     reference = _reference(spec, staged, seed, checkpoints, controller_cfg, gold_file_rows, run_dir=run_dir, log=log)
     timings["reference"] = time.monotonic() - t
+    crossfit = reference.training_rows() if spec.stages.train_on_reference else ([], [])
+    if crossfit[0]:
+        t = time.monotonic()
+        log(f"training specialists (stage 0) again with the {len(crossfit[0])} {reference.source} reference rows "
+            "(stages.train_on_reference; the linear kinds, cross-fitted)")
+        checkpoints = {**checkpoints, **train_stage(
+            cross_fittable(spec.specialists), seed.texts, seed.labels, label_names=spec.label_names,
+            run_dir=run_dir, stage=0, tag="reference", crossfit=crossfit, log=log)}
+        timings["train"] += time.monotonic() - t
     gate = None
     if (spec.stages.enabled and spec.stages.wait) or _fits_threshold(spec, reference):
         import ray
@@ -234,7 +243,8 @@ def annotate(
 
         gate = ray.remote(num_cpus=0)(StageGate).remote()
     learning = _staged_learning(spec, staged, seed, checkpoints, reference, run_dir=run_dir,
-                                train_s=timings["train"], gpu=gpu, swap=swap, gate=gate, log=log)
+                                train_s=timings["train"], gpu=gpu, swap=swap, gate=gate, log=log,
+                                crossfit=crossfit if crossfit[0] else None)
     t = time.monotonic()
     endpoints = deploy_specialists(spec.specialists, learning.deployed, app_prefix=app_prefix, gpu=gpu)
     timings["deploy"] = time.monotonic() - t
@@ -381,7 +391,8 @@ def _fits_threshold(spec, reference) -> bool:
     return spec.voting.target_accuracy is not None or (spec.voting.route == "measured" and reference.measured)
 
 
-def _staged_learning(spec, staged, seed, checkpoints, reference, *, run_dir, train_s, gpu, swap, gate, log):
+def _staged_learning(spec, staged, seed, checkpoints, reference, *, run_dir, train_s, gpu, swap, gate, log,
+                     crossfit=None):
     from labelwright.orchestrator.learning import StagedLearning
     from labelwright.training.stage import CheckSet
 
@@ -389,7 +400,7 @@ def _staged_learning(spec, staged, seed, checkpoints, reference, *, run_dir, tra
     check = reference.check if reference.source != "none" or spec.gold_column else CheckSet([], [], "controller")
     return StagedLearning(spec, run_dir=run_dir, seed_texts=seed.texts, seed_labels=seed.labels, stage0=checkpoints,
                           stage0_train_s=train_s, check=check, exclude_rows=reference.exclude_rows,
-                          total_rows=staged.n_rows, gpu=gpu, swap=swap, gate=gate, log=log)
+                          total_rows=staged.n_rows, gpu=gpu, swap=swap, gate=gate, log=log, crossfit=crossfit)
 
 
 def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, reference, *, run_dir, output,

@@ -64,8 +64,10 @@ class StagedLearning:
         swap: Callable[[dict[str, str]], None],
         log: Callable[[str], None],
         gate=None,
+        crossfit: tuple[list[str], list[str]] | None = None,
     ):
         self.spec, self.cfg = spec, spec.stages
+        self.crossfit = crossfit  # reference rows the linear specialists learn from, cross-fitted, at every stage
         self.judge = check_judge(spec.voting, min_fit_rows=self.cfg.min_check_rows)
         self.run_dir = Path(run_dir)
         self.seed_texts, self.seed_labels = seed_texts, seed_labels
@@ -238,7 +240,7 @@ class StagedLearning:
             label_names=self.spec.label_names, run_dir=self.run_dir, judge=self.judge,
             tolerance=self.cfg.rollback_tolerance,
             min_check_rows=self.cfg.min_check_rows, train_workers=runtime.train_workers, use_gpu=self.gpu,
-            log=self.log,
+            crossfit=self.crossfit, log=self.log,
         )
         changed = {n: p for n, p in record["checkpoints"].items() if p != self.deployed.get(n)}
         record["versions"] = versions_of(record["checkpoints"])

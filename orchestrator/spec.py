@@ -116,6 +116,9 @@ class StagesConfig(_Strict):
     # with gold reference rows: the controller's rows the final specialists never trained on are decided again
     # by the last stage's routing and combination (the controller's answer stays in controller_label)
     final_vote: bool = True
+    # the reference rows' labels (gold, a gold file's, or the audit's answers) also train the specialists that fit
+    # in seconds (linear kinds), cross-fitted: each reference row is judged by a fold model that never saw it
+    train_on_reference: bool = True
 
     @model_validator(mode="after")
     def _some_trigger(self) -> "StagesConfig":

@@ -164,6 +164,29 @@ class Specialist(ABC):
         raise SpecialistError(f"specialist {self.name!r} of kind {self.kind!r} is used as shipped and cannot be "
                               f"trained{hint}")
 
+    # Kinds whose fit takes seconds set this: a set of rows can then be trained on and still judged honestly,
+    # each row scored by a copy fitted without it (``cross_fit``).
+    cross_fittable: bool = False
+
+    def cross_fit(self, texts: Sequence[str], labels: Sequence[str], *, folds, sample_weight=None) -> np.ndarray:
+        """Fit on every row, and return each row's probabilities from a copy fitted without the rows of its fold
+        (``folds[i] >= 0``); rows with ``folds[i] < 0`` are always trained on, and their rows are NaN."""
+        texts, labels, folds = list(texts), list(labels), np.asarray(folds)
+        w = None if sample_weight is None else np.asarray(sample_weight)
+        out = np.full((len(texts), len(self.labels)), np.nan, np.float32)
+        for k in np.unique(folds[folds >= 0]):
+            held = folds == k
+            copy = self._copy()
+            copy.fit([t for t, h in zip(texts, held) if not h], [y for y, h in zip(labels, held) if not h],
+                     sample_weight=None if w is None else w[~held])
+            out[held] = copy.predict_proba([t for t, h in zip(texts, held) if h])
+        self.fit(texts, labels, sample_weight=sample_weight)
+        return out
+
+    def _copy(self) -> "Specialist":
+        """An untrained specialist of the same kind and settings (``cross_fit``'s fold models)."""
+        return type(self)(self.config, self.labels)
+
     @abstractmethod
     def save(self, directory: str | Path) -> None:
         """Write ``specialist.json`` plus the weights into ``directory``."""

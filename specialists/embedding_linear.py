@@ -24,6 +24,7 @@ DEFAULT_L2 = 1e-3
 class EmbeddingLinearSpecialist(Specialist):
     kind = "embedding_linear"
     _version_prefix = "emb"
+    cross_fittable = True
 
     def __init__(self, config: SpecialistConfig, labels: Sequence[str], *, encoder: Encoder | None = None):
         super().__init__(config, labels)
@@ -50,6 +51,19 @@ class EmbeddingLinearSpecialist(Specialist):
         """Fit the head on precomputed embeddings (label indices ``y``), e.g. ones cached for k-NN."""
         self.W, self.b = fit_linear_head(X, y, len(self.labels), sample_weight=sample_weight, l2=self.l2)
         self.version = f"emb-{digest(self.W, self.b, self.config.model)}"
+
+    def cross_fit(self, texts, labels, *, folds, sample_weight=None) -> np.ndarray:
+        """As ``Specialist.cross_fit``, with every text encoded once: only the heads are fitted per fold."""
+        y, w = self._label_indices(texts, labels, sample_weight)
+        X = self.encoder.encode(self._clean_texts(texts))
+        folds = np.asarray(folds)
+        out = np.full((len(y), len(self.labels)), np.nan, np.float32)
+        for k in np.unique(folds[folds >= 0]):
+            held = folds == k
+            W, b = fit_linear_head(X[~held], y[~held], len(self.labels), sample_weight=w[~held], l2=self.l2)
+            out[held] = predict_linear_head(X[held], W, b)
+        self.fit_embeddings(X, y, sample_weight=w)
+        return out
 
     def predict_proba(self, texts) -> np.ndarray:
         if self.W is None:

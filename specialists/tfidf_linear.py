@@ -45,6 +45,7 @@ def new_vectorizer():
 class TfidfLinearSpecialist(Specialist):
     kind = "tfidf_linear"
     _version_prefix = "tfidf"
+    cross_fittable = True  # a fold's vectorizer and head are fitted anew in well under a second
 
     def __init__(self, config: SpecialistConfig, labels: Sequence[str]):
         super().__init__(config, labels)

@@ -13,6 +13,7 @@ it would replace, and a specialist that got worse is rolled back. Checkpoints li
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,12 +24,42 @@ import numpy as np
 import pandas as pd
 
 from labelwright.specialists.base import SpecialistConfig
-from labelwright.specialists.registry import build_specialist
+from labelwright.specialists.registry import build_specialist, specialist_class
 from labelwright.training.finetune import fine_tune_transformer
 
 
-def checkpoint_dir(run_dir: str | Path, name: str, stage: int) -> Path:
-    return Path(run_dir) / "checkpoints" / name / f"stage-{stage}"
+def checkpoint_dir(run_dir: str | Path, name: str, stage: int, tag: str = "") -> Path:
+    return Path(run_dir) / "checkpoints" / name / (f"stage-{stage}" + (f"-{tag}" if tag else ""))
+
+
+CROSS_FIT_FOLDS = 5
+OUT_OF_FOLD = "out_of_fold.npz"  # in a checkpoint: its out-of-fold probabilities on the cross-fitted rows
+
+
+def text_keys(texts: Sequence[str]) -> np.ndarray:
+    """A stable key per text (its SHA-1), to find a row's out-of-fold probabilities again."""
+    return np.array([hashlib.sha1(str(t).encode("utf-8", "surrogatepass")).hexdigest() for t in texts])
+
+
+def folds_of(texts: Sequence[str], folds: int = CROSS_FIT_FOLDS) -> np.ndarray:
+    """Each text's fold, from its key: a row keeps its fold from one stage to the next, in any order."""
+    return np.array([int(k[:8], 16) % folds for k in text_keys(texts)], dtype=np.int64)
+
+
+def checkpoint_probs(path: str | Path, texts: Sequence[str]) -> np.ndarray:
+    """The checkpoint's probabilities on ``texts`` (float64, (n, labels)); a text it was cross-fitted on gets
+    the probabilities of the fold model that never saw it, so rows it trained on are still judged honestly."""
+    from labelwright.specialists.registry import load_specialist
+
+    probs = np.asarray(load_specialist(path).predict_proba(texts), dtype=np.float64)
+    oof = Path(path) / OUT_OF_FOLD
+    if oof.is_file():
+        saved = np.load(oof)
+        where = {k: i for i, k in enumerate(saved["keys"])}
+        for i, k in enumerate(text_keys(texts)):
+            if k in where:
+                probs[i] = saved["probs"][where[k]]
+    return probs
 
 
 def is_complete(path: Path) -> bool:
@@ -60,6 +91,8 @@ def train_stage(
     use_gpu: bool = False,
     init_checkpoints: dict[str, str] | None = None,
     transformer_data: tuple[list[str], list[str]] | None = None,
+    crossfit: tuple[list[str], list[str]] | None = None,
+    tag: str = "",
     train_seconds: dict[str, float] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
@@ -68,11 +101,14 @@ def train_stage(
     Later stages pass ``init_checkpoints`` (the specialists now deployed): transformer kinds then
     continue from them on ``transformer_data`` (new rows plus replay) instead of (texts, labels), and
     kinds that need no training keep their checkpoint. Linear kinds always refit on (texts, labels).
+    ``crossfit`` (texts, labels): rows that the cross-fittable kinds also train on, keeping each row's
+    probabilities from a fold model that never saw it in the checkpoint (``checkpoint_probs``); the other
+    kinds never train on them. ``tag`` names the checkpoints apart (``stage-<k>-<tag>``).
     ``train_seconds`` receives each specialist's training wall time.
     """
     out: dict[str, str] = {}
     for config in configs:
-        target = checkpoint_dir(run_dir, config.name, stage)
+        target = checkpoint_dir(run_dir, config.name, stage, tag)
         if is_complete(target):
             log(f"  {config.name}: reusing checkpoint {target}")
             out[config.name] = str(target)
@@ -98,7 +134,17 @@ def train_stage(
         if not specialist.trainable and init:
             out[config.name] = init  # nothing to learn: the deployed checkpoint stays
             continue
-        if specialist.trainable:
+        oof = None
+        if specialist.trainable and crossfit and crossfit[0] and specialist.cross_fittable:
+            held = set(crossfit[0])  # a text also among the other rows would let its fold model see it
+            keep = [i for i, x in enumerate(texts) if x not in held]
+            x = [texts[i] for i in keep] + list(crossfit[0])
+            y = [labels[i] for i in keep] + list(crossfit[1])
+            folds = np.concatenate([np.full(len(keep), -1), folds_of(crossfit[0])])
+            log(f"  {config.name}: fitting {config.kind} on {len(x)} rows, {len(crossfit[0])} of them reference "
+                f"rows cross-fitted in {CROSS_FIT_FOLDS} folds")
+            oof = specialist.cross_fit(x, y, folds=folds, sample_weight=balanced_weights(y))[len(keep):]
+        elif specialist.trainable:
             log(f"  {config.name}: fitting {config.kind} on {len(texts)} rows")
             specialist.fit(texts, labels, sample_weight=balanced_weights(labels))
         else:
@@ -108,9 +154,16 @@ def train_stage(
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
         specialist.save(tmp)
+        if oof is not None:
+            np.savez(tmp / OUT_OF_FOLD, keys=text_keys(crossfit[0]), probs=oof)
         tmp.rename(target)
         out[config.name] = str(target)
     return out
+
+
+def cross_fittable(configs: Sequence[SpecialistConfig]) -> list[SpecialistConfig]:
+    """The specialists that ``train_stage`` can cross-fit on held-out rows (their fit takes seconds)."""
+    return [c for c in configs if specialist_class(c.kind).cross_fittable]
 
 
 @dataclass
@@ -144,8 +197,6 @@ def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[
     rule: ``hard_share``, ``consensus_accuracy``, a calibrated ``gate``); without one those stay None.
     ``probs_cache`` (checkpoint path -> probabilities on these rows) lets several evaluations of one stage
     load and run each checkpoint once."""
-    from labelwright.specialists.registry import load_specialist
-
     out: dict = {"rows": len(check), "source": check.source, "specialists": {}, "hard_share": None,
                  "consensus_accuracy": None}
     if not len(check):
@@ -156,7 +207,7 @@ def evaluate(checkpoints: dict[str, str], check: CheckSet, *, label_names: list[
     cache = {} if probs_cache is None else probs_cache
     for name, path in checkpoints.items():
         if path not in cache:
-            cache[path] = np.asarray(load_specialist(path).predict_proba(check.texts), dtype=np.float64)
+            cache[path] = checkpoint_probs(path, check.texts)
         p = cache[path]
         probs.append(p)
         out["specialists"][name] = float(np.mean(names[p.argmax(1)] == gold))
@@ -192,10 +243,11 @@ def run_stage(
     min_check_rows: int = 20,
     train_workers: int = 1,
     use_gpu: bool = False,
+    crossfit: tuple[list[str], list[str]] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train stage ``stage`` from the buffer rows that arrived after ``since_seq`` (up to ``upto_seq``
-    if given); return its record.
+    if given); return its record. ``crossfit``: rows the cross-fittable kinds also learn from (``train_stage``).
 
     ``buffer`` holds only rows that may be trained on (no held-out rows). The record's
     ``checkpoints`` are what to deploy: the new checkpoint of each specialist that did not get
@@ -216,7 +268,7 @@ def run_stage(
     candidates = train_stage(
         configs, all_texts, all_labels, label_names=label_names, run_dir=run_dir, stage=stage,
         train_workers=train_workers, use_gpu=use_gpu, init_checkpoints=deployed,
-        transformer_data=transformer_data, train_seconds=seconds, log=log,
+        transformer_data=transformer_data, crossfit=crossfit, train_seconds=seconds, log=log,
     )
     train_s = time.monotonic() - t0
     probs: dict[str, np.ndarray] = {}  # each checkpoint is loaded and run on the check rows once

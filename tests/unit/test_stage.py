@@ -199,3 +199,72 @@ def test_plot_stages_writes_a_png(tmp_path):
     ]}
     path = plot_stages(stages, tmp_path / "r.stages.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- reference rows trained on, cross-fitted ------------------------------------------------------
+
+from labelwright.specialists.registry import build_specialist  # noqa: E402
+from labelwright.training.stage import OUT_OF_FOLD, checkpoint_probs, cross_fittable, folds_of  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["tfidf_linear", "embedding_linear"])
+def test_cross_fit_scores_each_held_row_by_a_model_that_never_saw_it(movie_split, kind):
+    seed, _, held = movie_split
+    texts = seed["text"].tolist() + held["text"].tolist()[:60]
+    # the held rows' labels flipped: a model that trained on a row follows its flip, one that never saw it does not
+    flipped = [LABELS[1 - LABELS.index(lab)] for lab in held["label"][:60]]
+    labels = seed["label"].tolist() + flipped
+    folds = np.concatenate([np.full(len(seed), -1), np.arange(60) % 3])
+    spec = build_specialist(SpecialistConfig(name="s", kind=kind), LABELS)
+    oof = spec.cross_fit(texts, labels, folds=folds)
+    assert np.isnan(oof[: len(seed)]).all() and not np.isnan(oof[len(seed):]).any()
+    np.testing.assert_allclose(oof[len(seed):].sum(axis=1), 1.0, rtol=1e-5)
+    in_sample = spec.predict_proba(texts[len(seed):]).argmax(axis=1)
+    out_of_fold = oof[len(seed):].argmax(axis=1)
+    flip = np.array([LABELS.index(x) for x in flipped])
+    # fitted on every row, the model learned most flips; the fold models, trained on the seed and the other
+    # two folds' flips, follow the flips far less often
+    assert np.mean(in_sample == flip) > np.mean(out_of_fold == flip) + 0.2
+
+
+def test_train_stage_keeps_out_of_fold_probabilities_where_it_cross_fitted(movie_split, tmp_path):
+    seed, _, held = movie_split
+    configs = [SpecialistConfig(name="tfidf", kind="tfidf_linear"),
+               SpecialistConfig(name="ft", kind="transformer_classifier")]
+    assert [c.name for c in cross_fittable(configs)] == ["tfidf"]
+    ref_x, ref_y = held["text"].tolist()[:50], held["label"].tolist()[:50]
+    # a seed row repeating a reference text is left out, so no fold model sees that text
+    seed_x, seed_y = seed["text"].tolist() + [ref_x[0]], seed["label"].tolist() + [ref_y[0]]
+    logs = []
+    ck = train_stage(cross_fittable(configs), seed_x, seed_y, label_names=LABELS, run_dir=tmp_path, stage=0,
+                     tag="reference", crossfit=(ref_x, ref_y), log=logs.append)
+    path = ck["tfidf"]
+    assert path.endswith("stage-0-reference") and (tmp_path / "checkpoints/tfidf/stage-0-reference" / OUT_OF_FOLD).is_file()
+    assert any(f"{len(seed) + 50} rows, 50 of them reference rows" in m for m in logs)
+    saved = np.load(f"{path}/{OUT_OF_FOLD}")
+    assert saved["probs"].shape == (50, 2)
+    others = held["text"].tolist()[100:110]
+    probs = checkpoint_probs(path, ref_x[:5] + others)
+    np.testing.assert_allclose(probs[:5], saved["probs"][:5], rtol=1e-6)  # the reference rows: out of fold
+    direct = build_specialist(configs[0], LABELS).load(path).predict_proba(others)
+    np.testing.assert_allclose(probs[5:], direct, rtol=1e-6)  # any other text: the checkpoint itself
+    assert (folds_of(ref_x) == folds_of(list(reversed(ref_x)))[::-1]).all()  # a text's fold ignores the order
+    assert set(folds_of(ref_x)) == {0, 1, 2, 3, 4}
+
+
+def test_reference_training_rows_are_those_whose_label_the_specialists_cannot_change():
+    from labelwright.orchestrator.reference import Reference
+
+    # gold check rows from the input: only those the controller answered (their output is its answer)
+    check = CheckSet(["a", "b", "c", "d"], ["x", "y", "x", "y"], "gold", controller=["x", None, "", "x"],
+                     rows=[3, 5, 7, 9])
+    assert Reference(check).training_rows() == (["a", "d"], ["x", "y"])
+    # a gold file's rows are no output rows: all of them, answered or not
+    file_rows = CheckSet(["a", "b"], ["x", "y"], "gold", controller=["y", None], rows=None)
+    assert Reference(file_rows).training_rows() == (["a", "b"], ["x", "y"])
+    # an audit: the controller's answers are the labels
+    audit = CheckSet(["a", "b"], ["x", "y"], "audit", controller=["x", "y"], rows=[0, 1])
+    assert Reference(audit).training_rows() == (["a", "b"], ["x", "y"])
+    # controller rows held out of the buffer, or nothing asked: nothing
+    assert Reference(CheckSet(["a"], ["x"], "controller")).training_rows() == ([], [])
+    assert Reference(CheckSet(["a"], ["x"], "gold", rows=[0])).training_rows() == ([], [])
