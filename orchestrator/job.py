@@ -494,7 +494,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
         extra={"controller": {"model": controller_cfg.model, "base_url": controller_cfg.base_url},
                "seed": {"rows": len(seed), "source": seed.source, "from_input": not spec.seed.pool_file,
                         **seed.usage()},
-               "reference": reference.usage(),
+               "reference": {**reference.usage(), "trained_on": len(learning.crossfit[0]) if learning.crossfit else 0},
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
                "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan,

@@ -4,7 +4,9 @@ Serve, Ray Data stages, and a deterministic fake OpenAI-compatible controller ov
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -304,6 +306,7 @@ def test_without_gold_an_audit_of_random_rows_is_the_reference(ray_cluster, movi
     assert gate["reference"] == "audit" and gate["rows"] == 30 and gate["controller_accuracy"] is None
     # an oracle controller and 30 rows: no disagreement rate can be shown within 2%, nothing is settled
     assert gate["threshold"] is None and not (res["decided_by"] == "consensus").any()
+    assert ref["trained_on"] == 30  # the audit's answers teach the linear specialists, cross-fitted
 
 
 def test_a_gold_file_is_the_reference_and_its_rows_are_not_output_rows(ray_cluster, movie, datasets_dir, tmp_path):
@@ -329,6 +332,11 @@ def test_a_gold_file_is_the_reference_and_its_rows_are_not_output_rows(ray_clust
     gate = report["stages"]["stages"][0]["check"]["gate"]
     assert gate["reference"] == "gold" and gate["rows"] == 40 and gate["controller_accuracy_all"] == 1.0
     assert report["stages"]["stages"][0]["check"]["rows"] == 40  # the file's rows check the stages too
+    # the linear specialists learned from the file's rows too, each row judged by a fold model that never saw it
+    assert ref["trained_on"] == 40
+    for name in ("tfidf", "probe"):
+        path = Path(report["specialists"][name])
+        assert path.name == "stage-0-reference" and len(np.load(path / "out_of_fold.npz")["keys"]) == 40
 
 
 def test_failing_endpoint_is_a_clear_error(ray_cluster, movie, tmp_path):
