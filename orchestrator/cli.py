@@ -35,7 +35,9 @@ def _annotate_parser(sub) -> None:
                    help="label (default): one label a row; candidates: the controller names every plausible label "
                         "when unsure and a student distilled from those sets decides between them")
     p.add_argument("--max-candidates", type=int, help="most labels in a candidate set (3)")
-    p.add_argument("--voting-rule", help="unanimity, majority, confidence_weighted or stacked")
+    p.add_argument("--voting-rule", help="auto (the default: stacked, learned on the reference rows, when there are "
+                                         "some; else the plan's rule or unanimity), unanimity, majority, "
+                                         "confidence_weighted or stacked")
     p.add_argument("--route", choices=["measured", "threshold"],
                    help="measured (default): settle rows only where reference rows show the specialists lose at "
                         "most --max-loss against the controller; threshold: the rule's threshold alone")

@@ -226,10 +226,16 @@ def annotate(
     t = time.monotonic()
     reference = _reference(spec, staged, seed, checkpoints, controller_cfg, gold_file_rows, run_dir=run_dir, log=log)
     timings["reference"] = time.monotonic() - t
+    voting = spec.voting.resolved(measured=reference.measured,
+                                  fallback=planned.plan.voting_rule if planned is not None else "unanimity")
+    if voting.rule != spec.voting.rule:
+        log(f"voting: rule {voting.rule} (voting.rule auto: "
+            + ("learned on the reference rows)" if voting.rule == "stacked" else "no reference rows to learn it on)"))
+        spec = spec.model_copy(update={"voting": voting})
     crossfit = reference.training_rows() if spec.stages.train_on_reference else ([], [])
     if crossfit[0]:
         t = time.monotonic()
-        log(f"training specialists (stage 0) again with the {len(crossfit[0])} {reference.source} reference rows "
+        log(f"training specialists (stage 0) again with the {len(crossfit[0])} {reference.source} rows "
             "(stages.train_on_reference; the linear kinds, cross-fitted)")
         checkpoints = {**checkpoints, **train_stage(
             cross_fittable(spec.specialists), seed.texts, seed.labels, label_names=spec.label_names,
@@ -272,8 +278,8 @@ class _Planned:
         self.run_dir = run_dir
         self.file = file
         update = {"specialists": plan.specialist_configs(zoo, spec.descriptions)}
-        if "voting" not in spec.model_fields_set:  # the task's own voting settings win over the plan's rule
-            update["voting"] = spec.voting.model_copy(update={"rule": plan.voting_rule, "weights": None})
+        if "voting" not in spec.model_fields_set:  # the task's own voting settings win over the plan's weights
+            update["voting"] = spec.voting.model_copy(update={"weights": None})
         self.spec = spec.model_copy(update=update)
         self._apply_drops()
 

@@ -52,15 +52,14 @@ class Reference:
         return "gold file" if self.outside else self.check.source
 
     def training_rows(self) -> tuple[list[str], list[str]]:
-        """The reference rows the specialists may learn from, cross-fitted (``stages.train_on_reference``): rows
-        of a gold file, and the input rows the controller answered up front (their output label is its answer
-        whatever the specialists say), with their reference label. Gold check rows it was not asked about are
-        ordinary output rows and stay held out."""
+        """The rows the specialists may learn from, cross-fitted (``stages.train_on_reference``): every gold
+        check row (a gold file's, or the input's) and every audit row, with its reference label. Their votes
+        stay honest wherever they are asked for (checks, routing, the output's own votes): a checkpoint answers
+        a text it was cross-fitted on with its out-of-fold probabilities (``Specialist.predict``)."""
         c = self.check
-        if c.source not in ("gold", "audit") or c.controller is None:
+        if c.source not in ("gold", "audit"):
             return [], []
-        # (an input row whose answer failed may yet be voted on: it stays held out too)
-        keep = [i for i in range(len(c)) if c.labels[i] and (c.rows is None or c.controller[i])]
+        keep = [i for i in range(len(c)) if c.labels[i]]
         return [c.texts[i] for i in keep], [c.labels[i] for i in keep]
 
     def usage(self) -> dict:

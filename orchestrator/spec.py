@@ -38,7 +38,9 @@ class LabelSpec(_Strict):
 
 
 class VotingConfig(_Strict):
-    rule: str = "unanimity"
+    # auto: stacked (a conditional logit over the specialists, fitted on the reference rows) when the run has
+    # reference rows the controller answered, else the plan's rule or unanimity
+    rule: str = "auto"
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # None = the rule's own default
     weights: dict[str, float] | None = None  # per specialist name; default equal
     # measured: fit the threshold at every stage on reference rows, the rows the controller is asked about
@@ -65,9 +67,16 @@ class VotingConfig(_Strict):
     @field_validator("rule")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in RULES:
-            raise ValueError(f"unknown voting rule {v!r}; choose one of {sorted(RULES)}")
+        if v != "auto" and v not in RULES:
+            raise ValueError(f"unknown voting rule {v!r}; choose auto or one of {sorted(RULES)}")
         return v
+
+    def resolved(self, *, measured: bool, fallback: str = "unanimity") -> "VotingConfig":
+        """This config with ``rule: auto`` made a rule: stacked when reference rows were ``measured`` (the
+        controller answered some), else ``fallback`` (a plan's rule, or unanimity)."""
+        if self.rule != "auto":
+            return self
+        return self.model_copy(update={"rule": "stacked" if measured and self.route == "measured" else fallback})
 
 
 class BudgetConfig(_Strict):

@@ -456,8 +456,9 @@ def get_rule(name: str) -> Callable[..., Votes]:
     try:
         return RULES[name]
     except KeyError:
+        hint = " (auto is made a rule by VotingConfig.resolved before voting)" if name == "auto" else ""
         raise ConfigError(
-            f"voting.rule {name!r} is unknown; choose one of {sorted(RULES)}"
+            f"voting.rule {name!r} is unknown; choose one of {sorted(RULES)}{hint}"
         ) from None
 
 
@@ -497,11 +498,12 @@ def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
     - else the configured threshold, nothing fitted."""
 
     def judge(probs: np.ndarray, gold: np.ndarray, names: np.ndarray, specialists: list[str], check=None) -> dict:
-        rule = get_rule(voting.rule if voting is not None else "unanimity")
         weights = None if voting is None or not voting.weights else [voting.weights.get(n, 1.0) for n in specialists]
         answers = getattr(check, "controller", None)
         asked = (np.array([a is not None for a in answers], dtype=bool) if answers is not None
                  else np.zeros(len(gold), dtype=bool))
+        # the job resolves rule auto once (VotingConfig.resolved); a judge called on its own does the same here
+        rule = get_rule("unanimity" if voting is None else voting.resolved(measured=bool(asked.any())).rule)
         route = voting is not None and voting.route == "measured" and asked.sum() >= min_fit_rows
         target = None if voting is None or probs.shape[1] < min_fit_rows else voting.target_accuracy
         out: dict = {}

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from labelwright.specialists.errors import SpecialistError
 
 MANIFEST = "specialist.json"
+OUT_OF_FOLD = "out_of_fold.npz"  # in a checkpoint: the probabilities its cross-fitted rows got out of fold
 KINDS = (
     "tfidf_linear", "embedding_linear", "transformer_classifier", "hf_classifier",
     "embedding_zero_shot", "nli_zero_shot", "lm_scorer",
@@ -155,6 +156,25 @@ class Specialist(ABC):
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """float32 array (len(texts), len(labels)); rows sum to 1; columns in ``labels`` order."""
 
+    # (text keys, probabilities) of the rows ``cross_fit`` held out: saved and loaded with the checkpoint
+    out_of_fold: tuple[np.ndarray, np.ndarray] | None = None
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """What callers get (Serve replicas, checks): ``predict_proba``, except that a text this specialist was
+        cross-fitted on gets the probabilities of the fold model that never saw it. A row it trained on that
+        way is still judged, and voted on, as if it had not."""
+        probs = self.predict_proba(texts)
+        if self.out_of_fold is None or not len(texts):
+            return probs
+        keys, saved = self.out_of_fold
+        where = dict(zip(keys.tolist(), range(len(keys))))
+        hits = [(i, where[k]) for i, k in enumerate(text_keys(self._clean_texts(texts)).tolist()) if k in where]
+        if hits:
+            probs = np.array(probs, dtype=np.float32)
+            rows, found = zip(*hits)
+            probs[list(rows)] = saved[list(found)]
+        return probs
+
     # Kinds used as shipped set ``trainable = False`` and say in ``train_instead`` which kind learns instead.
     trainable: bool = True
     train_instead: str = ""
@@ -165,27 +185,21 @@ class Specialist(ABC):
                               f"trained{hint}")
 
     # Kinds whose fit takes seconds set this: a set of rows can then be trained on and still judged honestly,
-    # each row scored by a copy fitted without it (``cross_fit``).
+    # each row scored by a model fitted without it (``cross_fit``).
     cross_fittable: bool = False
+    other_row_weight: float | None = None  # after cross_fit: the scale it chose for the rows always trained on
 
     def cross_fit(self, texts: Sequence[str], labels: Sequence[str], *, folds, sample_weight=None) -> np.ndarray:
-        """Fit on every row, and return each row's probabilities from a copy fitted without the rows of its fold
-        (``folds[i] >= 0``); rows with ``folds[i] < 0`` are always trained on, and their rows are NaN."""
-        texts, labels, folds = list(texts), list(labels), np.asarray(folds)
-        w = None if sample_weight is None else np.asarray(sample_weight)
-        out = np.full((len(texts), len(self.labels)), np.nan, np.float32)
-        for k in np.unique(folds[folds >= 0]):
-            held = folds == k
-            copy = self._copy()
-            copy.fit([t for t, h in zip(texts, held) if not h], [y for y, h in zip(labels, held) if not h],
-                     sample_weight=None if w is None else w[~held])
-            out[held] = copy.predict_proba([t for t, h in zip(texts, held) if h])
-        self.fit(texts, labels, sample_weight=sample_weight)
-        return out
+        """Fit on every row, and return each row's probabilities from a model fitted without the rows of its fold
+        (``folds[i] >= 0``; NaN for rows always trained on, ``folds[i] < 0``), kept as ``out_of_fold`` for
+        ``predict``. Only the ``cross_fittable`` kinds implement it."""
+        raise SpecialistError(f"specialist {self.name!r} of kind {self.kind!r} cannot be cross-fitted; train it "
+                              "with fit(), on rows it is not judged on")
 
-    def _copy(self) -> "Specialist":
-        """An untrained specialist of the same kind and settings (``cross_fit``'s fold models)."""
-        return type(self)(self.config, self.labels)
+    def _keep_out_of_fold(self, texts: Sequence[str], folds: np.ndarray, probs: np.ndarray) -> None:
+        held = np.asarray(folds) >= 0
+        keys = text_keys(self._clean_texts([t for t, h in zip(texts, held) if h]))
+        self.out_of_fold = (keys, np.asarray(probs, dtype=np.float32)[held]) if held.any() else None
 
     @abstractmethod
     def save(self, directory: str | Path) -> None:
@@ -208,6 +222,7 @@ class Specialist(ABC):
             "version": self.version,
             "config": self.config.model_dump(mode="json"),
             "written_by": f"labelwright {package_version()}",
+            **({"other_row_weight": self.other_row_weight} if self.other_row_weight is not None else {}),
             **extra,
         }
 
@@ -215,6 +230,8 @@ class Specialist(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).write_text(json.dumps(self._manifest(**extra), indent=2))
+        if self.out_of_fold is not None:
+            np.savez(directory / OUT_OF_FOLD, keys=self.out_of_fold[0], probs=self.out_of_fold[1])
         return directory
 
     def __repr__(self) -> str:
@@ -265,6 +282,20 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise SpecialistError(f"{path} lacks {sorted(missing)}; re-save the specialist")
     return manifest
+
+
+def text_keys(texts: Sequence[str]) -> np.ndarray:
+    """A stable key per text (its SHA-1), to find a row's out-of-fold probabilities again."""
+    return np.array([hashlib.sha1(str(t).encode("utf-8", "surrogatepass")).hexdigest() for t in texts])
+
+
+def read_out_of_fold(directory: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The out-of-fold probabilities a checkpoint keeps (``Specialist.out_of_fold``), or None."""
+    path = Path(directory) / OUT_OF_FOLD
+    if not path.is_file():
+        return None
+    saved = np.load(path)
+    return saved["keys"], saved["probs"]
 
 
 def digest(*parts: Any) -> str:

@@ -35,7 +35,8 @@ class SpecialistReplica:
         specialist = self._specialist  # one read: a swap during this call does not mix two versions
         if specialist is None:
             raise RuntimeError("replica has no checkpoint yet: deploy it with user_config={'checkpoint': dir}")
-        probs = specialist.predict_proba(list(texts)) if texts else np.zeros((0, len(specialist.labels)))
+        # predict: a text the specialist was cross-fitted on gets its out-of-fold probabilities
+        probs = specialist.predict(list(texts)) if texts else np.zeros((0, len(specialist.labels)))
         return {"probs": np.asarray(probs, dtype=np.float32), "version": specialist.version}
 
     def info(self) -> dict:

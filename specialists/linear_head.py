@@ -65,3 +65,39 @@ def predict_linear_head(features, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     """softmax(features @ W + b) as float32 (n, K); ``features`` dense or scipy sparse."""
     logits = np.asarray(features @ W, dtype=np.float64) + b
     return softmax_rows(logits).astype(np.float32)
+
+
+# Weights tried for the rows that are always trained on (labels of unknown quality: the controller's) against
+# the cross-fitted rows (the trusted ones), largest first: a tie keeps more data.
+OTHER_ROW_WEIGHTS = (1.0, 0.5, 0.2, 0.0)
+
+
+def cross_fit_head(features, y: np.ndarray, weights: np.ndarray, folds: np.ndarray, n_classes: int, *,
+                   l2: float, other_weights: tuple[float, ...] = OTHER_ROW_WEIGHTS
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Fit the head on every row and score each held row (``folds >= 0``) with a head fitted without its fold.
+
+    The rows with ``folds < 0`` are always trained on; their weights are scaled by each of ``other_weights``
+    in turn, and the scale whose out-of-fold predictions give the held rows the best log-likelihood is kept
+    (0 leaves them out): where the held rows are gold and the others the controller's answers, this is how
+    much the controller's labels are worth, measured. Returns ``W``, ``b``, the out-of-fold probabilities
+    (n, K; NaN on the rows always trained on) and the chosen scale."""
+    y = np.asarray(y, dtype=np.int64)
+    weights, folds = np.asarray(weights, np.float64), np.asarray(folds)
+    always, held = folds < 0, folds >= 0
+    choices = other_weights if always.any() else (1.0,)
+    best = None
+    for scale in choices:
+        w = np.where(always, weights * scale, weights)
+        oof = np.full((len(y), n_classes), np.nan, np.float32)
+        for k in np.unique(folds[held]):
+            train = (folds != k) & (w > 0)
+            W, b = fit_linear_head(features[train], y[train], n_classes, sample_weight=w[train], l2=l2)
+            oof[folds == k] = predict_linear_head(features[folds == k], W, b)
+        loss = -float(np.mean(np.log(np.clip(oof[held, y[held]], 1e-12, 1.0)))) if held.any() else 0.0
+        if best is None or loss < best[0]:
+            best = (loss, scale, oof)
+    _, scale, oof = best
+    w = np.where(always, weights * scale, weights)
+    W, b = fit_linear_head(features[w > 0], y[w > 0], n_classes, sample_weight=w[w > 0], l2=l2)
+    return W, b, oof, float(scale)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from labelwright.specialists.errors import SpecialistError
-from labelwright.specialists.base import KINDS, Specialist, SpecialistConfig, read_manifest
+from labelwright.specialists.base import KINDS, Specialist, SpecialistConfig, read_manifest, read_out_of_fold
 
 
 def _classes() -> dict[str, type[Specialist]]:
@@ -37,6 +37,9 @@ def build_specialist(config: SpecialistConfig, labels: Sequence[str]) -> Special
 
 
 def load_specialist(directory: str | Path) -> Specialist:
-    """Open a directory written by ``Specialist.save()`` or ``fine_tune_transformer()``."""
+    """Open a directory written by ``Specialist.save()`` or ``fine_tune_transformer()`` (with the out-of-fold
+    probabilities of the rows it was cross-fitted on, where it keeps some)."""
     manifest = read_manifest(directory)
-    return specialist_class(manifest["kind"]).load(directory)
+    specialist = specialist_class(manifest["kind"]).load(directory)
+    specialist.out_of_fold = read_out_of_fold(directory)
+    return specialist

@@ -13,7 +13,6 @@ it would replace, and a specialist that got worse is rolled back. Checkpoints li
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from labelwright.specialists.base import SpecialistConfig
+from labelwright.specialists.base import SpecialistConfig, text_keys
 from labelwright.specialists.registry import build_specialist, specialist_class
 from labelwright.training.finetune import fine_tune_transformer
 
@@ -33,12 +32,6 @@ def checkpoint_dir(run_dir: str | Path, name: str, stage: int, tag: str = "") ->
 
 
 CROSS_FIT_FOLDS = 5
-OUT_OF_FOLD = "out_of_fold.npz"  # in a checkpoint: its out-of-fold probabilities on the cross-fitted rows
-
-
-def text_keys(texts: Sequence[str]) -> np.ndarray:
-    """A stable key per text (its SHA-1), to find a row's out-of-fold probabilities again."""
-    return np.array([hashlib.sha1(str(t).encode("utf-8", "surrogatepass")).hexdigest() for t in texts])
 
 
 def folds_of(texts: Sequence[str], folds: int = CROSS_FIT_FOLDS) -> np.ndarray:
@@ -47,19 +40,11 @@ def folds_of(texts: Sequence[str], folds: int = CROSS_FIT_FOLDS) -> np.ndarray:
 
 
 def checkpoint_probs(path: str | Path, texts: Sequence[str]) -> np.ndarray:
-    """The checkpoint's probabilities on ``texts`` (float64, (n, labels)); a text it was cross-fitted on gets
-    the probabilities of the fold model that never saw it, so rows it trained on are still judged honestly."""
+    """The checkpoint's probabilities on ``texts`` (float64, (n, labels)), as its Serve replica gives them: a
+    text it was cross-fitted on gets those of the fold model that never saw it (``Specialist.predict``)."""
     from labelwright.specialists.registry import load_specialist
 
-    probs = np.asarray(load_specialist(path).predict_proba(texts), dtype=np.float64)
-    oof = Path(path) / OUT_OF_FOLD
-    if oof.is_file():
-        saved = np.load(oof)
-        where = {k: i for i, k in enumerate(saved["keys"])}
-        for i, k in enumerate(text_keys(texts)):
-            if k in where:
-                probs[i] = saved["probs"][where[k]]
-    return probs
+    return np.asarray(load_specialist(path).predict(texts), dtype=np.float64)
 
 
 def is_complete(path: Path) -> bool:
@@ -102,8 +87,8 @@ def train_stage(
     continue from them on ``transformer_data`` (new rows plus replay) instead of (texts, labels), and
     kinds that need no training keep their checkpoint. Linear kinds always refit on (texts, labels).
     ``crossfit`` (texts, labels): rows that the cross-fittable kinds also train on, keeping each row's
-    probabilities from a fold model that never saw it in the checkpoint (``checkpoint_probs``); the other
-    kinds never train on them. ``tag`` names the checkpoints apart (``stage-<k>-<tag>``).
+    probabilities from a fold model that never saw it in the checkpoint (``Specialist.predict`` answers them
+    for those texts); the other kinds never train on them. ``tag`` names the checkpoints apart (``stage-<k>-<tag>``).
     ``train_seconds`` receives each specialist's training wall time.
     """
     out: dict[str, str] = {}
@@ -134,16 +119,16 @@ def train_stage(
         if not specialist.trainable and init:
             out[config.name] = init  # nothing to learn: the deployed checkpoint stays
             continue
-        oof = None
         if specialist.trainable and crossfit and crossfit[0] and specialist.cross_fittable:
             held = set(crossfit[0])  # a text also among the other rows would let its fold model see it
             keep = [i for i, x in enumerate(texts) if x not in held]
             x = [texts[i] for i in keep] + list(crossfit[0])
             y = [labels[i] for i in keep] + list(crossfit[1])
             folds = np.concatenate([np.full(len(keep), -1), folds_of(crossfit[0])])
-            log(f"  {config.name}: fitting {config.kind} on {len(x)} rows, {len(crossfit[0])} of them reference "
-                f"rows cross-fitted in {CROSS_FIT_FOLDS} folds")
-            oof = specialist.cross_fit(x, y, folds=folds, sample_weight=balanced_weights(y))[len(keep):]
+            specialist.cross_fit(x, y, folds=folds, sample_weight=balanced_weights(y))  # keeps them out of fold
+            log(f"  {config.name}: fitted {config.kind} on {len(x)} rows, {len(crossfit[0])} of them cross-fitted "
+                f"in {CROSS_FIT_FOLDS} folds; the other {len(keep)} weigh {specialist.other_row_weight:g} each "
+                "(the weight whose out-of-fold predictions fit the cross-fitted rows best)")
         elif specialist.trainable:
             log(f"  {config.name}: fitting {config.kind} on {len(texts)} rows")
             specialist.fit(texts, labels, sample_weight=balanced_weights(labels))
@@ -154,8 +139,6 @@ def train_stage(
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
         specialist.save(tmp)
-        if oof is not None:
-            np.savez(tmp / OUT_OF_FOLD, keys=text_keys(crossfit[0]), probs=oof)
         tmp.rename(target)
         out[config.name] = str(target)
     return out

@@ -434,6 +434,10 @@ def test_a_resumed_run_reuses_its_saved_plan_and_its_drops_without_asking(tmp_pa
     plan.save(tmp_path / "plan.yaml")
     planned = _plan(spec, None, controller=None, encoder=None, plan_path=None, run_dir=tmp_path, log=lambda m: None)
     assert [c.name for c in planned.spec.specialists] == ["minilm-probe", "tfidf"]
-    assert planned.spec.voting.rule == "majority" and planned.record()["kept"] == ["minilm-probe", "tfidf"]
+    assert planned.record()["kept"] == ["minilm-probe", "tfidf"]
+    # the plan's rule is what rule auto becomes without reference rows to learn the stacked rule on
+    assert planned.spec.voting.rule == "auto" and planned.record()["voting_rule"] == "majority"
+    assert planned.spec.voting.resolved(measured=False, fallback=planned.plan.voting_rule).rule == "majority"
+    assert planned.spec.voting.resolved(measured=True, fallback=planned.plan.voting_rule).rule == "stacked"
     listed = load_task(None, {"labels": LABELS, "specialists": [{"name": "t", "kind": "tfidf_linear"}]})
     assert _plan(listed, None, None, None, plan_path=None, run_dir=tmp_path / "other", log=print) is None

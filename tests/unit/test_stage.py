@@ -204,27 +204,51 @@ def test_plot_stages_writes_a_png(tmp_path):
 # ---- reference rows trained on, cross-fitted ------------------------------------------------------
 
 from labelwright.specialists.registry import build_specialist  # noqa: E402
-from labelwright.training.stage import OUT_OF_FOLD, checkpoint_probs, cross_fittable, folds_of  # noqa: E402
+from labelwright.specialists.base import OUT_OF_FOLD  # noqa: E402
+from labelwright.specialists.registry import load_specialist  # noqa: E402
+from labelwright.training.stage import checkpoint_probs, cross_fittable, folds_of  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["tfidf_linear", "embedding_linear"])
 def test_cross_fit_scores_each_held_row_by_a_model_that_never_saw_it(movie_split, kind):
     seed, _, held = movie_split
-    texts = seed["text"].tolist() + held["text"].tolist()[:60]
-    # the held rows' labels flipped: a model that trained on a row follows its flip, one that never saw it does not
-    flipped = [LABELS[1 - LABELS.index(lab)] for lab in held["label"][:60]]
-    labels = seed["label"].tolist() + flipped
-    folds = np.concatenate([np.full(len(seed), -1), np.arange(60) % 3])
+    texts = seed["text"].tolist() + held["text"].tolist()[:90]
+    # the held rows' labels drawn at random: a model that trained on a row reproduces its label; the fold
+    # models, which never saw it, can do no better than chance on it
+    noise = list(np.random.default_rng(0).choice(LABELS, 90))
+    labels = seed["label"].tolist() + noise
+    folds = np.concatenate([np.full(len(seed), -1), np.arange(90) % 3])
     spec = build_specialist(SpecialistConfig(name="s", kind=kind), LABELS)
     oof = spec.cross_fit(texts, labels, folds=folds)
     assert np.isnan(oof[: len(seed)]).all() and not np.isnan(oof[len(seed):]).any()
     np.testing.assert_allclose(oof[len(seed):].sum(axis=1), 1.0, rtol=1e-5)
-    in_sample = spec.predict_proba(texts[len(seed):]).argmax(axis=1)
-    out_of_fold = oof[len(seed):].argmax(axis=1)
-    flip = np.array([LABELS.index(x) for x in flipped])
-    # fitted on every row, the model learned most flips; the fold models, trained on the seed and the other
-    # two folds' flips, follow the flips far less often
-    assert np.mean(in_sample == flip) > np.mean(out_of_fold == flip) + 0.2
+    target = np.array([LABELS.index(x) for x in noise])
+    in_sample = np.mean(spec.predict_proba(texts[len(seed):]).argmax(axis=1) == target)
+    out_of_fold = np.mean(oof[len(seed):].argmax(axis=1) == target)
+    assert in_sample > 0.8 and out_of_fold < 0.65
+    assert spec.other_row_weight in (1.0, 0.5, 0.2, 0.0)
+    np.testing.assert_allclose(spec.predict(texts[len(seed):]), oof[len(seed):], rtol=1e-6)  # kept for predict
+
+
+def test_cross_fit_head_weighs_the_other_rows_by_what_they_are_worth_out_of_fold():
+    from labelwright.specialists.linear_head import cross_fit_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 5))
+    truth = (X[:, 0] > 0).astype(int)
+    folds = np.concatenate([np.full(200, -1), np.arange(200) % 5])
+    w = np.ones(400)
+    # the other rows agree with the held rows' labels: all of them count
+    *_, scale = cross_fit_head(X, truth, w, folds, 2, l2=1e-3)
+    assert scale == 1.0
+    # the other rows' labels are flipped: they only hurt, and are left out
+    flipped = np.where(folds < 0, 1 - truth, truth)
+    W, b, oof, scale = cross_fit_head(X, flipped, w, folds, 2, l2=1e-3)
+    assert scale == 0.0 and np.mean(oof[200:].argmax(axis=1) == truth[200:]) > 0.9
+    assert np.isnan(oof[:200]).all()
+    # no other rows: nothing to weigh
+    *_, scale = cross_fit_head(X[200:], truth[200:], w[200:], folds[200:], 2, l2=1e-3)
+    assert scale == 1.0
 
 
 def test_train_stage_keeps_out_of_fold_probabilities_where_it_cross_fitted(movie_split, tmp_path):
@@ -240,31 +264,39 @@ def test_train_stage_keeps_out_of_fold_probabilities_where_it_cross_fitted(movie
                      tag="reference", crossfit=(ref_x, ref_y), log=logs.append)
     path = ck["tfidf"]
     assert path.endswith("stage-0-reference") and (tmp_path / "checkpoints/tfidf/stage-0-reference" / OUT_OF_FOLD).is_file()
-    assert any(f"{len(seed) + 50} rows, 50 of them reference rows" in m for m in logs)
+    assert any(f"{len(seed) + 50} rows, 50 of them cross-fitted" in m and f"the other {len(seed)} weigh" in m
+               for m in logs)
+    from labelwright.specialists.base import read_manifest
+
+    assert read_manifest(path)["other_row_weight"] in (1.0, 0.5, 0.2, 0.0)  # the chosen weight, recorded
     saved = np.load(f"{path}/{OUT_OF_FOLD}")
     assert saved["probs"].shape == (50, 2)
     others = held["text"].tolist()[100:110]
     probs = checkpoint_probs(path, ref_x[:5] + others)
     np.testing.assert_allclose(probs[:5], saved["probs"][:5], rtol=1e-6)  # the reference rows: out of fold
-    direct = build_specialist(configs[0], LABELS).load(path).predict_proba(others)
-    np.testing.assert_allclose(probs[5:], direct, rtol=1e-6)  # any other text: the checkpoint itself
+    loaded = load_specialist(path)
+    np.testing.assert_allclose(probs[5:], loaded.predict_proba(others), rtol=1e-6)  # other texts: the checkpoint
+    # its Serve replica answers the same: out of fold for the texts it was cross-fitted on
+    from labelwright.specialists.deployment import SpecialistReplica
+
+    replica = SpecialistReplica()
+    replica.reconfigure({"checkpoint": path})
+    np.testing.assert_allclose(replica.predict(ref_x[:5] + others)["probs"], probs, rtol=1e-5)
+    assert not np.allclose(loaded.predict_proba(ref_x[:5]), probs[:5])  # in-sample, they would differ
     assert (folds_of(ref_x) == folds_of(list(reversed(ref_x)))[::-1]).all()  # a text's fold ignores the order
     assert set(folds_of(ref_x)) == {0, 1, 2, 3, 4}
 
 
-def test_reference_training_rows_are_those_whose_label_the_specialists_cannot_change():
+def test_reference_training_rows_are_the_gold_check_rows_and_the_audit():
     from labelwright.orchestrator.reference import Reference
 
-    # gold check rows from the input: only those the controller answered (their output is its answer)
-    check = CheckSet(["a", "b", "c", "d"], ["x", "y", "x", "y"], "gold", controller=["x", None, "", "x"],
-                     rows=[3, 5, 7, 9])
-    assert Reference(check).training_rows() == (["a", "d"], ["x", "y"])
-    # a gold file's rows are no output rows: all of them, answered or not
+    # gold check rows from the input, asked of the controller or not, and a gold file's rows: all of them
+    check = CheckSet(["a", "b", "c"], ["x", "y", "x"], "gold", controller=["x", None, ""], rows=[3, 5, 7])
+    assert Reference(check).training_rows() == (["a", "b", "c"], ["x", "y", "x"])
     file_rows = CheckSet(["a", "b"], ["x", "y"], "gold", controller=["y", None], rows=None)
     assert Reference(file_rows).training_rows() == (["a", "b"], ["x", "y"])
     # an audit: the controller's answers are the labels
     audit = CheckSet(["a", "b"], ["x", "y"], "audit", controller=["x", "y"], rows=[0, 1])
     assert Reference(audit).training_rows() == (["a", "b"], ["x", "y"])
-    # controller rows held out of the buffer, or nothing asked: nothing
+    # controller rows held out of the buffer: nothing (they are the buffer's own)
     assert Reference(CheckSet(["a"], ["x"], "controller")).training_rows() == ([], [])
-    assert Reference(CheckSet(["a"], ["x"], "gold", rows=[0])).training_rows() == ([], [])
