@@ -97,7 +97,9 @@ def annotate_config(name: str, task: dict, sample: Path, work: Path, *, resume: 
 def noisy_responder(dataset: str, labels: list[str], accuracy: float, *, seed: int = 0):
     """A fake endpoint's answers (``tests/fake_openai.py``): the gold label of the fenced text (from the
     dataset's train and test splits) with probability ``accuracy``, else another label drawn uniformly; the
-    draw is fixed per text, so every configuration and the controller alone see the same endpoint. Asked
+    draw is fixed per text, so every configuration and the controller alone see the same endpoint. Only the
+    labels the request's schema offers are answered (a shortlist, for many labels): a gold label not offered
+    is never answered. Asked
     for a candidate set, it answers a set of that one label."""
     import hashlib
     import sys
@@ -110,13 +112,23 @@ def noisy_responder(dataset: str, labels: list[str], accuracy: float, *, seed: i
         d = pd.read_csv(DATASETS / dataset / f"{split}.csv")
         gold.update(zip(d["text"].astype(str), d["label"].astype(str)))
 
-    def answer(text: str) -> str:
+    def answer(text: str, offered: list[str]) -> str:
         h = hashlib.sha256(f"{seed}:{text}".encode()).digest()
         truth = gold[text]
-        if int.from_bytes(h[:8], "big") / 2**64 < accuracy:
+        if truth in offered and int.from_bytes(h[:8], "big") / 2**64 < accuracy:
             return truth
-        others = [x for x in labels if x != truth]
+        others = [x for x in offered if x != truth]
         return others[int.from_bytes(h[8:16], "big") % len(others)]
+
+    def offered_labels(request: dict) -> list[str]:
+        """The labels the request's JSON schema allows (a shortlist when the task has many), else all."""
+        fmt = request.get("response_format") or {}
+        props = ((fmt.get("json_schema") or {}).get("schema") or {}).get("properties") or {}
+        for field in props.values():
+            enum = field.get("enum") or (field.get("items") or {}).get("enum")
+            if enum:
+                return list(enum)
+        return list(labels)
 
     def respond(request: dict):
         text = last_fenced_text(request)
@@ -124,7 +136,7 @@ def noisy_responder(dataset: str, labels: list[str], accuracy: float, *, seed: i
             text = next((t for t in gold if t.startswith(text)), None)
         if text is None:
             return HTTPError(400, "the noisy endpoint knows only the dataset's texts")
-        label = answer(text)
+        label = answer(text, offered_labels(request))
         if '"labels"' in json.dumps(request.get("response_format") or {}):
             return json.dumps({"labels": [label]})
         return json.dumps({"label": label})

@@ -36,7 +36,10 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "unanimity (previous default)": {"voting": {"rule": "unanimity", "route": "threshold"}},
     "routing, gold reference": {"voting": {"route": "measured"}},
+    "routing + unanimity, gold reference": {"voting": {"route": "measured", "rule": "unanimity"}},
     "routing, gold reference, no combination": {"voting": {"route": "measured", "combine": "never"}},
+    "routing, gold reference, reference rows not trained on": {"voting": {"route": "measured"},
+                                                               "stages": {"train_on_reference": False}},
     "routing, gold reference, stages wait": {"voting": {"route": "measured"}, "stages": {"wait": True}},
     "routing, audit reference": {"voting": {"route": "measured"}, "stages": {"check_rows": 0}},
     "routing + stacked, gold reference": {"voting": {"route": "measured", "rule": "stacked"}},
@@ -103,17 +106,20 @@ def _alone(work: Path, name: str, df, labels, task, report, args) -> None:
     seeds = run / "seed"
     for what, demos in [("controller alone", None),
                         ("controller alone, gold demonstrations", bank if bank.is_file() else None)]:
-        if what != "controller alone" and demos is None:
+        if (what != "controller alone" and demos is None) or (what == "controller alone" and args.gold_alone_only
+                                                                and demos is not None):
             continue
         alone = controller_alone(df["text"], labels, spec.descriptions, spec.instruction, ctrl, seeds, bank=demos)
         out.append({"config": what, "dataset": work.name, "rows": len(df),
                     "accuracy": accuracy(alone["pred"], df["gold"]),
                     "macro_f1": macro_f1(alone["pred"], df["gold"], labels), "llm_share": 1.0, "llm_calls": len(df)})
+    # the linear specialists may have trained on the reference rows (stages.train_on_reference): judged without them
+    rows = df[~df["reference"].astype(bool)]
     for s in spec.specialists:
-        col = df[f"vote_{s.name}"]
-        out.append({"config": f"specialist {s.name} alone (stage of each row)", "dataset": work.name, "rows": len(df),
-                    "accuracy": accuracy(col, df["gold"]), "macro_f1": macro_f1(col, df["gold"], labels),
-                    "llm_share": 0.0, "llm_calls": 0})
+        col = rows[f"vote_{s.name}"]
+        out.append({"config": f"specialist {s.name} alone (stage of each row; rows not reference rows)",
+                    "dataset": work.name, "rows": len(rows), "accuracy": accuracy(col, rows["gold"]),
+                    "macro_f1": macro_f1(col, rows["gold"], labels), "llm_share": 0.0, "llm_calls": 0})
     (work / "alone.json").write_text(json.dumps(out, indent=2))
 
 
@@ -144,6 +150,9 @@ def main() -> None:
     ap.add_argument("--configs", default="|".join(CONFIGS), help="'|'-separated, from: " + ", ".join(CONFIGS))
     ap.add_argument("--max-loss", type=float, default=None, help="voting.max_loss for the routing configurations")
     ap.add_argument("--skip-alone", action="store_true", help="do not measure the controller and specialists alone")
+    ap.add_argument("--gold-alone-only", action="store_true",
+                    help="with gold demonstrations, measure the controller alone only with them (the pipeline's "
+                         "prompts), not also with the seed rows alone")
     args = ap.parse_args()
     results = run_configs(args, CONFIGS, run_config, "routing.json")
     out_dir = Path(args.out)
