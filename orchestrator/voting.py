@@ -121,11 +121,17 @@ class Stack:
         return cls(np.asarray(d["a"], dtype=np.float64), np.asarray(d["b"], dtype=np.float64))
 
 
-_LOG_FLOOR = 1e-6  # probabilities are clipped here before the log: one specialist's 0 cannot veto a label
+# Each source's distribution is mixed with this share of the uniform one before its log: one source's 0 cannot
+# veto a label, and a source that is sure and wrong costs a bounded log-likelihood. Without it, a linear head
+# that never saw a label (77 intents, 100 gold rows: most held-out rows have a label their fold never had) gives
+# it ~1e-13, and the fit drops that source however accurate it is: on banking77 the stack fell to 0.33 with its
+# best specialist at 0.44 alone; mixed, it reached 0.46.
+SMOOTHING = 0.05
 
 
 def _log_probs(probs: np.ndarray) -> np.ndarray:
-    return np.log(np.clip(probs, _LOG_FLOOR, 1.0))
+    probs = np.asarray(probs, dtype=np.float64)
+    return np.log((1.0 - SMOOTHING) * np.clip(probs, 0.0, 1.0) + SMOOTHING / probs.shape[-1])
 
 
 def stack_probs(probs: np.ndarray, stack: Stack) -> np.ndarray:
@@ -139,7 +145,8 @@ def stack_probs(probs: np.ndarray, stack: Stack) -> np.ndarray:
 def fit_stack(probs: np.ndarray, y: np.ndarray, *, l2: float = 1.0) -> Stack:
     """The :class:`Stack` that maximises the likelihood of labels ``y`` (indices) on these rows, with an L2
     penalty ``l2`` on the label biases (a label seldom seen keeps a bias near 0 instead of -inf) and a
-    small one on the weights. L-BFGS on the exact gradient (scipy)."""
+    small one on the weights, which are kept >= 0 (a source's probability never counts against its own
+    label). L-BFGS-B on the exact gradient (scipy)."""
     from scipy.optimize import minimize
 
     probs = np.asarray(probs, dtype=np.float64)
@@ -160,7 +167,8 @@ def fit_stack(probs: np.ndarray, y: np.ndarray, *, l2: float = 1.0) -> Stack:
         return value, np.concatenate([grad_a, grad_b])
 
     start = np.concatenate([np.full(n_s, 1.0 / n_s), np.zeros(n_l)])
-    theta = minimize(loss, start, jac=True, method="L-BFGS-B").x
+    bounds = [(0.0, None)] * n_s + [(None, None)] * n_l
+    theta = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds).x
     return Stack(theta[:n_s], theta[n_s:])
 
 
