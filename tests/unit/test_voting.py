@@ -329,20 +329,19 @@ def test_a_controller_that_favours_one_label_is_recalibrated_without_the_special
     assert fit.stack.a[:2].tolist() == [0.0, 0.0] and fit.stack.b[0] < fit.stack.b[1]
 
 
-def test_a_sure_source_that_never_saw_some_labels_keeps_its_weight():
-    """A linear head gives ~0 to a label it never trained on; its wrong rows then cost the fit without bound
-    unless each source is mixed with a little of the uniform distribution (voting.SMOOTHING). The accurate,
-    peaky source must keep the larger weight, and the stack must be about as accurate as it."""
+def test_a_label_a_source_gives_nothing_costs_a_bounded_log_likelihood():
+    """A linear head gives ~1e-13 to a label it never trained on: mixed with 5% of the uniform distribution
+    (voting.SMOOTHING), that costs log(0.05 / n_labels) in the stack, not -30, so a source that is often right
+    is not dropped for the rows whose label it never saw (banking77 with 100 gold rows: the stack fell to
+    0.33 out of fold against 0.44 for its best source alone; mixed, 0.46). Weights stay >= 0."""
+    from labelwright.orchestrator.voting import SMOOTHING, _log_probs
+
+    p = np.array([[1.0 - 1e-13, 1e-13, 0.0, 0.0]])
+    lp = _log_probs(p)
+    np.testing.assert_allclose(lp[0, 1:], np.log(SMOOTHING / 4), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(lp).sum(), 1.0)
     rng = np.random.default_rng(0)
-    n, n_l = 400, 20
-    y = rng.integers(0, n_l, n)
-    sure = np.full((n, n_l), 1e-13)
-    sure_top = np.where(rng.random(n) < 0.7, y, (y + rng.integers(1, n_l, n)) % n_l)
-    sure[np.arange(n), sure_top] = 1.0
-    vague = np.full((n, n_l), 0.7 / (n_l - 1))
-    vague_top = np.where(rng.random(n) < 0.4, y, (y + rng.integers(1, n_l, n)) % n_l)
-    vague[np.arange(n), vague_top] = 0.3
-    probs = np.stack([sure / sure.sum(1, keepdims=True), vague])
-    fit = fit_stack(probs, y)
-    assert fit.a[0] > fit.a[1]  # without the mixture: 0.13 against 1.23
-    assert np.mean(stack_probs(probs, fit).argmax(1) == y) >= np.mean(sure_top == y) - 0.02
+    y = rng.integers(0, 3, 300)
+    anti = np.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3  # a source that always names a wrong label
+    probs = np.stack([np.eye(3)[y] * 0.6 + 0.4 / 3, anti])
+    assert (fit_stack(probs, y).a >= 0).all()  # it gets weight 0, never a negative one
