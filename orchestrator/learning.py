@@ -297,7 +297,7 @@ class StagedLearning:
                 "hard_share": float(hard.mean()) if len(part) else None,
                 "llm_calls": int(part["llm_calls"].sum()),
                 "llm_tokens": int((part["prompt_tokens"] + part["completion_tokens"]).sum()),
-                "new_rows": rec.get("new_rows"), "replay_rows": rec.get("replay_rows"),
+                "new_rows": rec.get("new_rows"), "replay_rows": rec.get("replay_rows"), "upto_seq": rec.get("upto_seq"),
                 "train_s": rec.get("train_s"), "train_s_by_specialist": rec.get("train_s_by_specialist"),
                 "swap_s": rec.get("swap_s"), "rows_seen_at_start": rec.get("rows_seen_at_start"),
                 "rows_seen_at_swap": rec.get("rows_seen_at_swap"),
