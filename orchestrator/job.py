@@ -490,6 +490,9 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                                                 gate=learning.gate)
     if spec.stages.final_vote and learning.check.source == "gold" and vote.calibrated and learning.gate is not None:
         df, stages_report["final_vote"] = _final_vote(df, vote, learning, names, spec.runtime.vote_batch_size, log)
+    decided_reference = None
+    if spec.stages.final_vote and learning.reference_decisions():
+        df, decided_reference = _decide_reference_rows(df, learning.reference_decisions(), learning.stage, log)
     df = _order_columns(df, names, staged.passthrough)
     write_frame(df, output, output_format)
     wall = time.monotonic() - t0
@@ -500,7 +503,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
         extra={"controller": {"model": controller_cfg.model, "base_url": controller_cfg.base_url},
                "seed": {"rows": len(seed), "source": seed.source, "from_input": not spec.seed.pool_file,
                         **seed.usage()},
-               "reference": {**reference.usage(), "trained_on": len(learning.crossfit[0]) if learning.crossfit else 0},
+               "reference": {**reference.usage(), "trained_on": len(learning.crossfit[0]) if learning.crossfit else 0,
+                             **({"decided": decided_reference} if decided_reference else {})},
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
                "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan,
@@ -639,6 +643,41 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
     missing = [i for i in expected if i in buffers]
     if missing:
         raise InputDataError(f"internal check failed: shards {missing} did not complete")
+
+
+def _decide_reference_rows(df: pd.DataFrame, decisions: dict, stage: int, log) -> tuple[pd.DataFrame, dict]:
+    """The gold reference rows of the input are decided like the rows around them, out of fold: by the last
+    stage's routing (the specialists' label where it settles the row) and its combination, each row judged by
+    models fitted without it (``voting.reference_decisions``). Until now they kept the controller's answer,
+    though the run had just measured that on such rows the specialists or the combination do better. A row's
+    gold label is never its output label; rows the controller failed on stay unresolved."""
+    at = {r: j for j, r in enumerate(decisions["row"]) if r is not None}
+    mask = df["reference"].astype(bool) & df["row"].isin(list(at)) & df["controller_label"].notna()
+    mask &= df["decided_by"].isin(CONTROLLER_DECIDED)
+    idx = df.index[mask]
+    out = {"stage": stage, "rows": int(len(idx)), "changed": 0, "decided_by": {}}
+    if not len(idx):
+        return df, out
+    before = df.loc[idx, "label"].copy()
+    pick = [at[int(r)] for r in df.loc[idx, "row"]]
+    keep = [decisions["label"][j] is not None for j in pick]
+    idx, pick = idx[keep], [j for j, k in zip(pick, keep) if k]
+    df.loc[idx, "label"] = [decisions["label"][j] for j in pick]
+    df.loc[idx, "decided_by"] = [decisions["decided_by"][j] for j in pick]
+    conf = [decisions["confidence"][j] for j in pick]
+    df.loc[idx, "confidence"] = [c if c is not None else df.at[i, "controller_confidence"] for i, c in zip(idx, conf)]
+    changed = df.loc[idx, "label"] != before.loc[idx]
+    out.update(changed=int(changed.sum()),
+               decided_by={k: int(v) for k, v in df.loc[idx, "decided_by"].value_counts().items()})
+    if "gold" in df.columns and df.loc[idx, "gold"].notna().any():
+        g = idx[df.loc[idx, "gold"].notna().to_numpy()]
+        out.update(accuracy_before=accuracy(before.loc[g], df.loc[g, "gold"]),
+                   accuracy_after=accuracy(df.loc[g, "label"], df.loc[g, "gold"]))
+    log(f"reference rows: {out['rows']} gold rows the controller answered up front decided like the others, out of "
+        f"fold, by stage {stage}: {out['decided_by']}; {out['changed']} labels changed"
+        + (f" (right {out['accuracy_after']:.1%} after, {out['accuracy_before']:.1%} before)"
+           if "accuracy_after" in out else ""))
+    return df, out
 
 
 def _final_vote(df: pd.DataFrame, vote: VoteSettings, learning, names: list[str], batch_size: int,

@@ -129,6 +129,12 @@ class StagedLearning:
     def training(self) -> bool:
         return self._future is not None
 
+    def reference_decisions(self) -> dict | None:
+        """The last checked stage's out-of-fold decisions on the gold reference rows (``voting.reference_decisions``),
+        None where it made none (no gold, no routing)."""
+        checked = [r["check"] for r in self.records if r.get("check")]
+        return checked[-1].get("reference_decisions") if checked else None
+
     def trained_rows(self) -> set[int]:
         """Rows of the input the deployed specialists may have trained on: every buffered controller row up to the
         last stage's (kept rows only; held-out rows are never trained on). The seed rows are not counted here."""
@@ -302,7 +308,8 @@ class StagedLearning:
                 "swap_s": rec.get("swap_s"), "rows_seen_at_start": rec.get("rows_seen_at_start"),
                 "rows_seen_at_swap": rec.get("rows_seen_at_swap"),
                 "rolled_back": rec.get("rolled_back", []), "failed": rec.get("failed"),
-                "check": rec.get("check"), "versions": rec.get("versions"),
+                "check": {k: v for k, v in (rec.get("check") or {}).items() if k != "reference_decisions"} or None,
+                "versions": rec.get("versions"),
             }
             if "gold" in part.columns and part["gold"].notna().any():
                 cons = part[(part["decided_by"] == "consensus") & part["gold"].notna()]

@@ -21,7 +21,7 @@ improve stage after stage:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -231,6 +231,8 @@ class Combination:
     lost: int
     accuracy: float  # out of fold, the combination's accuracy on those rows
     controller_accuracy: float
+    # out of fold, on those rows: the combination's distribution (R, L), each row's from a stack fitted without it
+    oof: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def applied(self) -> bool:
@@ -265,7 +267,8 @@ def fit_combination(probs: np.ndarray, ctrl: np.ndarray, said: np.ndarray, y: np
         if use.shape[0] == 1:
             stack = Stack(np.concatenate([np.zeros(n_s), stack.a]), stack.b)
         fit = Combination(stack, sources, len(y), int(np.sum(mine != said)), won, lost,
-                          float(np.mean(mine == y)) if len(y) else 0.0, float(np.mean(said == y)) if len(y) else 0.0)
+                          float(np.mean(mine == y)) if len(y) else 0.0, float(np.mean(said == y)) if len(y) else 0.0,
+                          oof=q)
         if best is None or fit.won - fit.lost > best.won - best.lost:
             best = fit
     return best
@@ -479,20 +482,50 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _combination(probs: np.ndarray, said: np.ndarray, check, asked: np.ndarray, gold: np.ndarray,
-                 names: np.ndarray, *, hard: np.ndarray) -> dict | None:
+                 names: np.ndarray, *, hard: np.ndarray) -> tuple[Combination | None, np.ndarray]:
     """:func:`fit_combination` on the gold reference rows the controller answered and the routing leaves to it
-    (``hard``: the rows it would decide; a row the specialists settle never reaches it), as the gate carries it."""
+    (``hard``: the rows it would decide; a row the specialists settle never reaches it), and which rows those
+    were."""
     conf = np.array(check.controller_confidence if check.controller_confidence is not None
                     else [None] * len(asked), dtype=object)[asked]
     answered = np.array([bool(s) for s in said]) & np.asarray(hard, dtype=bool)
     if answered.sum() < 2:
-        return None
+        return None, answered
     index = {str(n): i for i, n in enumerate(names)}
     labels = [str(n) for n in names]
     ctrl = controller_probs(list(said[answered]), list(conf[answered]), labels)
     fit = fit_combination(probs[:, answered], ctrl, np.array([index[str(s)] for s in said[answered]]),
                           np.array([index[str(g)] for g in gold[answered]]))
-    return fit.as_dict()
+    return fit, answered
+
+
+def reference_decisions(ref: Votes, threshold: float | None, said: np.ndarray, names: np.ndarray,
+                        combination: Combination | None, combined_rows: np.ndarray, rows) -> dict:
+    """What the job decides on the gold reference rows themselves, every part out of fold: ``ref`` holds the
+    rule's votes from out-of-fold probabilities (the stacked rule's own fitted without the row), settled where
+    the routing's ``threshold`` settles them; on the rows it leaves to the controller, the combination's
+    out-of-fold label where it pays (``combined_rows``: the rows it was fitted on), else the controller's
+    answer ``said``. A gold row's label is never its gold label: what it says is what the run would have said
+    without it. Lists aligned with the reference rows; ``rows`` are their input row numbers (None outside it)."""
+    settled = ~gated(ref, threshold).hard
+    out: dict = {"row": [None if r is None else int(r) for r in rows], "label": [], "decided_by": [], "confidence": []}
+    fitted = np.cumsum(combined_rows) - 1  # a reference row's position among the combination's rows
+    for j in range(len(said)):
+        if settled[j]:
+            label, who, p = str(names[ref.leading[j]]), "consensus", float(ref.confidence[j])
+        elif combination is not None and combination.applied and combined_rows[j] and combination.oof is not None:
+            q = combination.oof[fitted[j]]
+            k = int(q.argmax())
+            label, p = str(names[k]), float(q[k])
+            who = "controller" if label == str(said[j]) else "combined"
+        elif said[j]:
+            label, who, p = str(said[j]), "controller", None
+        else:  # the controller failed on it up front: the row stays as the run left it
+            label, who, p = None, "unresolved", None
+        out["label"].append(label)
+        out["decided_by"].append(who)
+        out["confidence"].append(p)
+    return out
 
 
 def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
@@ -531,10 +564,16 @@ def check_judge(voting, *, min_fit_rows: int = 1) -> Callable[..., dict]:
             extra = {} if stack is None else {"stack": stack}
             votes = gated(rule(probs, weights=weights, threshold=0.0, **extra), fit.threshold)
             out["gate"] = fit.as_dict() | ({} if stack is None else {"stack": stack.as_dict()})
+            combination, combined_rows = None, np.zeros(len(said), dtype=bool)
             if voting.combine == "auto" and controller_right is not None:
                 # judged on the reference rows it would decide: those the gated rule leaves to the controller
-                out["gate"]["combine"] = _combination(probs[:, asked], said, check, asked, gold[asked], names,
-                                                      hard=votes.hard[asked])
+                combination, combined_rows = _combination(probs[:, asked], said, check, asked, gold[asked], names,
+                                                          hard=votes.hard[asked])
+                out["gate"]["combine"] = None if combination is None else combination.as_dict()
+            if controller_right is not None and check.rows is not None:
+                out["reference_decisions"] = reference_decisions(
+                    ref, fit.threshold, said, names, combination, combined_rows,
+                    np.array(check.rows, dtype=object)[asked])
         elif target is not None:
             base = rule(probs, weights=weights, threshold=0.0)
             fit = calibrate(base, names[base.leading] == gold, target=target)

@@ -291,15 +291,22 @@ def test_final_vote_redecides_untrained_controller_rows_with_the_last_stage(ray_
     assert fv["decided_by"].get("specialists", 0) <= len(mine) and len(mine) <= fv["settled"]
     assert fv["changed"] > 0  # a change may also take a stage-0 combined row back to the controller's answer
     moved = res[res["controller_label"].notna() & (res["label"] != res["controller_label"])]
-    assert moved["decided_by"].isin(["specialists", "combined"]).all()
+    assert moved["decided_by"].isin(["specialists", "combined", "consensus"]).all()
+    assert moved.loc[moved["decided_by"] == "consensus", "reference"].all()  # settled reference rows, below
     assert not mine["row"].isin(trained).any() and not (mine["seed"] | mine["reference"]).any()
     assert (mine["label"] == mine["specialists_label"]).all() and (mine["label"] != mine["controller_label"]).all()
     assert (mine["controller_label"] == mine["text"].map(flipped)).all()
     assert (mine["stage"] == 1).all()
     kept = res[res["seed"] | res["reference"] | res["row"].isin(trained)]
     assert not (kept["decided_by"] == "specialists").any()  # the final vote leaves them alone
-    own = res[res["seed"] | res["reference"]]
+    own = res[res["seed"]]
     assert (own["label"] == own["text"].map(flipped)).all()  # the controller's answers there stand
+    # the gold reference rows are decided like the others, out of fold, by the last stage; never by their gold
+    ref, dec = res[res["reference"]], report["reference"]["decided"]
+    assert dec["stage"] == 1 and dec["rows"] == len(ref) == 20
+    assert ref["decided_by"].value_counts().to_dict() == dec["decided_by"]
+    assert dec["changed"] == (ref["label"] != ref["controller_label"]).sum()
+    assert (ref.loc[ref["decided_by"] == "controller", "label"] == ref["text"].map(flipped)).all()
     assert report["llm_share"] == pytest.approx((res["llm_calls"].gt(0) | res["cached"]).mean())
 
 

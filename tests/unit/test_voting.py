@@ -345,3 +345,26 @@ def test_a_label_a_source_gives_nothing_costs_a_bounded_log_likelihood():
     anti = np.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3  # a source that always names a wrong label
     probs = np.stack([np.eye(3)[y] * 0.6 + 0.4 / 3, anti])
     assert (fit_stack(probs, y).a >= 0).all()  # it gets weight 0, never a negative one
+
+
+def test_reference_rows_are_decided_out_of_fold_like_the_rows_around_them():
+    """Settled rows take the rule's out-of-fold label; the rows left to the controller take the combination's
+    out-of-fold label where it pays, else the controller's answer; a row the controller failed on stays so."""
+    from labelwright.orchestrator.voting import Combination, Stack, Votes, reference_decisions
+
+    names = np.array(["a", "b"], dtype=object)
+    ref = Votes(label=np.array([0, 1, 1, 0, 0]), confidence=np.array([0.95, 0.9, 0.6, 0.55, 0.6]),
+                leading=np.array([0, 1, 1, 0, 0]))
+    said = np.array(["b", "b", "a", "a", ""], dtype=object)
+    combined_rows = np.array([False, False, True, True, False])
+    oof = np.array([[0.2, 0.8], [0.7, 0.3]])  # rows 2 and 3, each from a stack fitted without it
+    fit = Combination(Stack(np.ones(2), np.zeros(2)), "controller", 2, 1, 2, 1, 0.5, 0.5, oof=oof)
+    got = reference_decisions(ref, 0.85, said, names, fit, combined_rows, [10, 11, 12, 13, 14])
+    assert got["row"] == [10, 11, 12, 13, 14]
+    assert got["label"] == ["a", "b", "b", "a", None]
+    assert got["decided_by"] == ["consensus", "consensus", "combined", "controller", "unresolved"]
+    assert got["confidence"][:4] == [0.95, 0.9, 0.8, 0.7]
+    # a combination that does not pay (won <= lost) leaves the controller's answers; no threshold settles nothing
+    lost = Combination(Stack(np.ones(2), np.zeros(2)), "controller", 2, 1, 1, 1, 0.5, 0.5, oof=oof)
+    got = reference_decisions(ref, None, said, names, lost, combined_rows, [10, 11, 12, 13, 14])
+    assert got["label"] == ["b", "b", "a", "a", None] and set(got["decided_by"]) == {"controller", "unresolved"}
