@@ -491,8 +491,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     if spec.stages.final_vote and learning.check.source == "gold" and vote.calibrated and learning.gate is not None:
         df, stages_report["final_vote"] = _final_vote(df, vote, learning, names, spec.runtime.vote_batch_size, log)
     decided_reference = None
-    if spec.stages.final_vote and learning.reference_decisions():
-        df, decided_reference = _decide_reference_rows(df, learning.reference_decisions(), learning.stage, log)
+    if spec.stages.final_vote and (decisions := learning.reference_decisions()):
+        df, decided_reference = _decide_reference_rows(df, decisions, learning.stage, log)
     df = _order_columns(df, names, staged.passthrough)
     write_frame(df, output, output_format)
     wall = time.monotonic() - t0

@@ -156,18 +156,28 @@ class Specialist(ABC):
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """float32 array (len(texts), len(labels)); rows sum to 1; columns in ``labels`` order."""
 
-    # (text keys, probabilities) of the rows ``cross_fit`` held out: saved and loaded with the checkpoint
-    out_of_fold: tuple[np.ndarray, np.ndarray] | None = None
+    _out_of_fold: tuple[np.ndarray, np.ndarray] | None = None
+    _out_of_fold_index: dict[str, int] = {}
+
+    @property
+    def out_of_fold(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(text keys, probabilities) of the rows ``cross_fit`` held out: saved and loaded with the checkpoint."""
+        return self._out_of_fold
+
+    @out_of_fold.setter
+    def out_of_fold(self, value: tuple[np.ndarray, np.ndarray] | None) -> None:
+        # indexed once here, not on every batch a Serve replica answers
+        self._out_of_fold = value
+        self._out_of_fold_index = {} if value is None else dict(zip(value[0].tolist(), range(len(value[0]))))
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """What callers get (Serve replicas, checks): ``predict_proba``, except that a text this specialist was
         cross-fitted on gets the probabilities of the fold model that never saw it. A row it trained on that
         way is still judged, and voted on, as if it had not."""
         probs = self.predict_proba(texts)
-        if self.out_of_fold is None or not len(texts):
+        if self._out_of_fold is None or not len(texts):
             return probs
-        keys, saved = self.out_of_fold
-        where = dict(zip(keys.tolist(), range(len(keys))))
+        saved, where = self._out_of_fold[1], self._out_of_fold_index
         hits = [(i, where[k]) for i, k in enumerate(text_keys(self._clean_texts(texts)).tolist()) if k in where]
         if hits:
             probs = np.array(probs, dtype=np.float32)
