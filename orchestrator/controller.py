@@ -71,6 +71,10 @@ class ControllerConfig(BaseModel):
     gold_demonstrations: bool = True
     max_choices: int = Field(12, ge=1)
     max_text_chars: int = Field(4000, ge=1)
+    # A demonstration's text is cut to this: four long ones made each prompt of a set of forum answers
+    # (yahoo_topics, a tenth over 1,100 characters) take 8-36 s on the embedded LLM; the row itself keeps
+    # max_text_chars. A cut demonstration says so, as a cut row does.
+    max_demonstration_chars: int = Field(500, ge=1)
     price_prompt_per_1k: float = Field(0.0, ge=0.0)
     price_completion_per_1k: float = Field(0.0, ge=0.0)
     cache: bool = True
@@ -341,6 +345,7 @@ class Controller:
             demonstrations=demos,
             max_text_chars=cfg.max_text_chars,
             max_candidates=most,
+            max_demonstration_chars=cfg.max_demonstration_chars,
         )
         note = f"text truncated to {cfg.max_text_chars} of {len(text)} characters in the prompt" if truncated else None
         fmt = prompts.response_format(cfg.structured_output, offered, max_candidates=most)

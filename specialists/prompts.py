@@ -102,17 +102,19 @@ def build_messages(
     demonstrations: Sequence[tuple[str, str]] = (),
     max_text_chars: int = 4000,
     max_candidates: int | None = None,
+    max_demonstration_chars: int | None = None,
 ) -> tuple[list[dict[str, str]], bool]:
     """Chat messages for one row (system, few-shot turns, the row) and whether its text was truncated.
 
-    Demonstrations are ``(text, label)`` pairs shown as earlier user/assistant turns. ``max_candidates``
-    asks for a candidate set instead of one label.
+    Demonstrations are ``(text, label)`` pairs shown as earlier user/assistant turns, each text cut to
+    ``max_demonstration_chars`` (default ``max_text_chars``). ``max_candidates`` asks for a candidate set
+    instead of one label.
     """
     system = system_message(instruction=instruction, labels=labels, descriptions=descriptions,
                             max_candidates=max_candidates)
     messages = [{"role": "system", "content": system}]
     for demo_text, demo_label in demonstrations:
-        content, _ = user_message(demo_text, max_text_chars=max_text_chars)
+        content, _ = user_message(demo_text, max_text_chars=max_demonstration_chars or max_text_chars)
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": answer_json(demo_label, candidates=max_candidates is not None)})
     content, truncated = user_message(text, max_text_chars=max_text_chars)

@@ -332,6 +332,14 @@ def test_demonstrations_become_few_shot_turns(server, make):
     assert messages[4]["content"] == '{"label": "negative"}'
 
 
+def test_long_demonstrations_are_cut_and_the_row_keeps_its_own_limit(server, make):
+    long = "A slow, thoughtful film. " * 40  # 1,000 characters
+    answer = make(server.base_url, max_demonstration_chars=50).label(long, demonstrations=[(long, "positive")])
+    demo, row = server.requests[0]["messages"][1]["content"], server.requests[0]["messages"][-1]["content"]
+    assert prompts.unfence(demo) == long[:50] and "cut to its first 50 of 1000 characters" in demo
+    assert prompts.unfence(row) == long and "truncated" not in (answer.reason or "")  # the row keeps 4,000
+
+
 def test_long_text_is_truncated_with_a_note(server, make):
     text = "What a wonderful film."
     answer = make(server.base_url, max_text_chars=10).label(text)
