@@ -288,8 +288,20 @@ def routing_text(fit: dict) -> str:
     if fit["threshold"] is None:
         return (f"on {rows} {fit['reference']} reference rows no confidence level is shown to meet {bar}: every row "
                 "goes to the controller (more reference rows, voting.reference_rows, or better specialists "
-                "would let them settle some)")
+                f"would let them settle some){stack_text(fit.get('stack_choice'))}")
     ctrl = "" if fit["controller_accuracy"] is None else f", the controller {fit['controller_accuracy']:.0%}"
     return (f"{fit['threshold']:.3f}, from {rows} {fit['reference']} reference rows: it settles "
             f"{fit['settled_share']:.0%} of them, where the specialists are right {fit['accuracy']:.0%}{ctrl} "
-            f"({bar})")
+            f"({bar}){stack_text(fit.get('stack_choice'))}")
+
+
+def stack_text(choice: dict | None) -> str:
+    """Which specialists the stacked rule weighs, and why (``voting.chosen_stack``), as a clause."""
+    if not choice or "best_single" not in choice:
+        return ""
+    counts = (f"out of fold it was right on {choice['won']} rows {choice['best_single']} got wrong and wrong on "
+              f"{choice['lost']} it got right, p={choice['p_value']:.2g}")
+    if len(choice["sources"]) > 1:
+        return f"; the stack over {', '.join(choice['sources'])} ({counts})"
+    return (f"; stacked on {choice['best_single']} alone, the best single specialist (the stack over them all "
+            f"is not shown better: {counts})")

@@ -86,3 +86,18 @@ def test_the_report_counts_what_the_combination_overruled():
                              "controller_accuracy": 0.5}  # the seed row is not the controller's to be overruled on
     assert r["llm_share"] == 0.8  # overruled rows were still sent to the LLM
     assert "overruled the controller on 2 of its 3 rows" in summary(r)
+
+
+def test_routing_text_says_which_specialists_the_stack_weighs_and_why():
+    from labelwright.orchestrator.report import routing_text
+
+    fit = {"rows": 100, "confidence_level": 0.95, "target_accuracy": None, "reference": "gold", "max_loss": 0.02,
+           "threshold": 0.2, "settled_share": 0.5, "accuracy": 0.6, "controller_accuracy": 0.4,
+           "stack_choice": {"best_single": "probe", "won": 3, "lost": 1, "p_value": 0.3125, "sources": ["probe"]}}
+    text = routing_text(fit)
+    assert "stacked on probe alone" in text and "right on 3 rows probe got wrong" in text and "p=0.31" in text
+    fit["stack_choice"] |= {"sources": ["tfidf", "probe"], "won": 12, "lost": 1, "p_value": 0.0017}
+    assert "the stack over tfidf, probe" in routing_text(fit)
+    assert routing_text(fit | {"threshold": None}).endswith("p=0.0017)")  # settling nothing, it still says
+    del fit["stack_choice"]
+    assert "stack" not in routing_text(fit)

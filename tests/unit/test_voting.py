@@ -4,6 +4,7 @@ import pytest
 from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.voting import (
     Stack,
+    chosen_stack,
     combine_logits,
     combined_label,
     controller_probs,
@@ -255,6 +256,35 @@ def test_cross_fitted_scores_each_row_without_it():
     in_sample = np.mean(np.log(stack_probs(probs, full)[np.arange(400), y]))
     out_of_fold = np.mean(np.log(q[np.arange(400), y]))
     assert out_of_fold < in_sample  # the in-sample fit flatters itself
+
+
+def _specialist_knowing(y, n_labels, rng, known, *, sharpness=3.0):
+    """Distributions sharp on the right label for rows whose label is in ``known``, uninformative elsewhere."""
+    logits = rng.normal(0, 0.3, size=(len(y), n_labels))
+    hit = np.isin(y, known)
+    logits[np.flatnonzero(hit), y[hit]] += sharpness
+    q = np.exp(logits)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def test_the_stack_is_kept_only_where_it_beats_the_best_specialist_alone():
+    rng = np.random.default_rng(3)
+    n, n_l = 300, 4
+    y = rng.integers(0, n_l, size=n)
+    # complementary: each knows half the labels; together they know them all, alone half
+    halves = np.stack([_specialist_knowing(y, n_l, rng, [0, 1]), _specialist_knowing(y, n_l, rng, [2, 3])])
+    q, stack, choice = chosen_stack(halves, y)
+    assert choice["sources"] == [0, 1] and choice["won"] > choice["lost"] and choice["p_value"] < 0.05
+    assert q.shape == (n, n_l) and np.mean(q.argmax(axis=1) == y) > 0.9 and (stack.a > 0).all()
+    # one knows every label, the others nothing: the stack over all cannot beat it, so it is used alone
+    strong = np.stack([_specialist_knowing(y, n_l, rng, []), _specialist_knowing(y, n_l, rng, [0, 1, 2, 3]),
+                       _specialist_knowing(y, n_l, rng, [])])
+    q, stack, choice = chosen_stack(strong, y)
+    assert choice["sources"] == [1] and choice["best_single"] == 1 and choice["p_value"] >= 0.05
+    assert stack.a[0] == stack.a[2] == 0 and stack.a[1] > 0
+    np.testing.assert_allclose(stacked(strong, stack=stack).confidence, stack_probs(strong[1:2], Stack(stack.a[1:2], stack.b)).max(axis=1))
+    # a single specialist is its own stack
+    assert chosen_stack(strong[1:2], y)[2] == {"sources": [0]}
 
 
 # ---- the controller combined with the specialists -----------------------------------------------------
