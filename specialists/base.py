@@ -206,6 +206,11 @@ class Specialist(ABC):
         raise SpecialistError(f"specialist {self.name!r} of kind {self.kind!r} cannot be cross-fitted; train it "
                               "with fit(), on rows it is not judged on")
 
+    def _forget_out_of_fold(self) -> None:
+        """After a plain ``fit``: the model saw every row, so no row has fold probabilities any more (kept, a
+        later fit would have ``predict`` answer those texts from the fold models of an earlier cross-fit)."""
+        self.out_of_fold, self.other_row_weight = None, None
+
     def _keep_out_of_fold(self, texts: Sequence[str], folds: np.ndarray, probs: np.ndarray) -> None:
         held = np.asarray(folds) >= 0
         keys = text_keys(self._clean_texts([t for t, h in zip(texts, held) if h]))

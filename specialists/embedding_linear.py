@@ -51,6 +51,7 @@ class EmbeddingLinearSpecialist(Specialist):
         """Fit the head on precomputed embeddings (label indices ``y``), e.g. ones cached for k-NN."""
         self.W, self.b = fit_linear_head(X, y, len(self.labels), sample_weight=sample_weight, l2=self.l2)
         self.version = f"emb-{digest(self.W, self.b, self.config.model)}"
+        self._forget_out_of_fold()
 
     def cross_fit(self, texts, labels, *, folds, sample_weight=None) -> np.ndarray:
         """``Specialist.cross_fit``, every text encoded once; the weight of the rows always trained on is chosen

@@ -65,6 +65,7 @@ class TfidfLinearSpecialist(Specialist):
         self.W, self.b = fit_linear_head(X, y, len(self.labels), sample_weight=w, l2=self.l2)
         self.vectorizer = vectorizer
         self.version = f"tfidf-{digest(self.W, self.b, len(vectorizer.vocabulary_))}"
+        self._forget_out_of_fold()
 
     def cross_fit(self, texts, labels, *, folds, sample_weight=None) -> np.ndarray:
         """``Specialist.cross_fit``: the vectorizer is fitted once on every text (no label goes into it), the

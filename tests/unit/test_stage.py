@@ -228,6 +228,9 @@ def test_cross_fit_scores_each_held_row_by_a_model_that_never_saw_it(movie_split
     assert in_sample > 0.8 and out_of_fold < 0.65
     assert spec.other_row_weight in (1.0, 0.5, 0.2, 0.0)
     np.testing.assert_allclose(spec.predict(texts[len(seed):]), oof[len(seed):], rtol=1e-6)  # kept for predict
+    spec.fit(texts, labels)  # a plain fit afterwards: the model saw every row, so no fold answers are kept
+    assert spec.out_of_fold is None and spec.other_row_weight is None
+    np.testing.assert_allclose(spec.predict(texts[len(seed):]), spec.predict_proba(texts[len(seed):]))
 
 
 def test_cross_fit_head_weighs_the_other_rows_by_what_they_are_worth_out_of_fold():
