@@ -12,6 +12,7 @@ from labelwright.orchestrator.voting import (
     fit_combination,
     fit_route,
     fit_stack,
+    paired_difference_bound,
     proportion_bound,
     stack_probs,
     stacked,
@@ -149,6 +150,19 @@ def test_proportion_bound_is_scipys_one_sided_interval(method):
     assert proportion_bound(0, 0) == 0.0 and proportion_bound(0, 0, side="upper") == 1.0
     with pytest.raises(ConfigError, match="wilson or clopper_pearson"):
         proportion_bound(1, 2, method="normal")
+
+
+@pytest.mark.parametrize("n,p_won,p_lost", [(60, 0.08, 0.06), (150, 0.1, 0.05), (400, 0.2, 0.15)])
+def test_the_paired_difference_bound_holds_at_its_level_and_no_more(n, p_won, p_lost):
+    # Rows where only the specialists are right (won), only the controller (lost), or neither or both.
+    cells = np.random.default_rng(n).multinomial(n, [p_won, p_lost, 1 - p_won - p_lost], size=4000)
+    bound = paired_difference_bound(cells[:, 0], cells[:, 1], n, level=0.95)
+    assert 0.93 <= np.mean(bound <= p_won - p_lost) <= 0.97
+    # two separate 95% bounds, subtracted, hold ~99% of the time: a wider bound than the level asks for
+    separate = proportion_bound(cells[:, 0], n) - proportion_bound(cells[:, 1], n, side="upper")
+    assert np.mean(separate <= p_won - p_lost) > 0.98 and (separate <= bound + 1e-9).mean() > 0.95
+    assert (bound <= (cells[:, 0] - cells[:, 1]) / n + 1e-9).all()  # never above the observed difference
+    assert paired_difference_bound(0, 0, 0) == -1.0 and -0.03 < paired_difference_bound(0, 0, 200) < 0
 
 
 def test_specialists_worse_than_the_controller_everywhere_settle_nothing():
