@@ -114,9 +114,11 @@ def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(
         assert res["row"].tolist() == list(range(len(df)))
         stages = report["stages"]["stages"]
         assert len(stages) >= 2 and [s["stage"] for s in stages] == list(range(len(stages)))
-        # later batches were voted by a later stage's specialists, wherever one was swapped in before the last row
-        # was seen (the resumed run may have had too few rows left for that: the kill's timing decides)
-        if any((s.get("rows_seen_at_swap") or len(df)) < len(df) for s in stages[1:]):
+        # later batches were voted by a later stage's specialists, wherever one was swapped in with half the rows
+        # still to come (the resumed run may have had too few rows left for that: the kill's timing decides; and
+        # rows_seen counts results back, so rows voted just before a swap can arrive after it: a swap with only
+        # the batches in flight left proves nothing, as a full run on a loaded machine showed)
+        if any((s.get("rows_seen_at_swap") or len(df)) <= len(df) // 2 for s in stages[1:]):
             assert res["stage"].max() >= 1
         assert sum(s["rows"] for s in stages) == (res["stage"].notna() & ~res["seed"]).sum()
         for s in stages:  # every row names the versions that voted on it
