@@ -1,7 +1,7 @@
-"""Serve wiring for specialists: config + cluster -> one autoscaled Serve application each.
+"""Serve wiring for specialists: config + cluster -> an autoscaled Serve deployment each.
 
-Each specialist is its own application (``<prefix>-<name>``), reachable by handle only
-(``route_prefix=None``). Resources come from the specialist's config and the cluster: a fractional
+In a labelling job each specialist is its own application (``<prefix>-<name>``), reachable by handle only
+(``route_prefix=None``); ``labelwright serve`` binds the same deployments into its one HTTP application. Resources come from the specialist's config and the cluster: a fractional
 GPU where the cluster has GPUs, CPUs otherwise.
 """
 
@@ -29,9 +29,13 @@ class SpecialistEndpoint:
         return serve.get_deployment_handle(self.deployment, app_name=self.app)
 
 
+def deployment_name(config: SpecialistConfig) -> str:
+    return f"specialist-{config.name}"
+
+
 def deployment_options(config: SpecialistConfig, *, gpu: bool, checkpoint: str) -> dict:
     return {
-        "name": f"specialist-{config.name}",
+        "name": deployment_name(config),
         "ray_actor_options": actor_resources(num_cpus=config.num_cpus, num_gpus=config.num_gpus, gpu=gpu),
         "autoscaling_config": dict(config.autoscaling or DEFAULT_AUTOSCALING),
         "max_ongoing_requests": 4,
@@ -39,6 +43,14 @@ def deployment_options(config: SpecialistConfig, *, gpu: bool, checkpoint: str) 
         "health_check_period_s": 10,
         "logging_config": {"log_level": "WARNING", "enable_access_log": False},
     }
+
+
+def specialist_deployment(config: SpecialistConfig, *, gpu: bool, checkpoint: str):
+    """The specialist's Serve deployment, bound (an application of its own, or a part of a bigger one)."""
+    from ray import serve
+
+    opts = deployment_options(config, gpu=gpu, checkpoint=checkpoint)
+    return serve.deployment(SpecialistReplica).options(**opts).bind(torch_threads=config.torch_threads)
 
 
 def deploy_specialists(
@@ -50,11 +62,10 @@ def deploy_specialists(
 
     endpoints, targets = {}, []
     for config in configs:
-        opts = deployment_options(config, gpu=gpu, checkpoint=checkpoints[config.name])
         app = f"{app_prefix}-{config.name}"
-        dep = serve.deployment(SpecialistReplica).options(**opts)
-        targets.append(serve.RunTarget(dep.bind(torch_threads=config.torch_threads), name=app, route_prefix=None))
-        endpoints[config.name] = SpecialistEndpoint(config.name, app, opts["name"])
+        bound = specialist_deployment(config, gpu=gpu, checkpoint=checkpoints[config.name])
+        targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
+        endpoints[config.name] = SpecialistEndpoint(config.name, app, deployment_name(config))
     serve.run_many(targets)
     return endpoints
 

@@ -337,6 +337,12 @@ def build_embedded_llm_app(config: EmbeddedLLMConfig, *, engine_factory: EngineF
     return deployment.bind(config, factory)
 
 
+def app_builder(args: dict[str, Any]):
+    """The embedded LLM's application from a Serve config file's ``args`` (an :class:`EmbeddedLLMConfig`);
+    ``labelwright serve RUN --write-config`` names it by ``import_path``."""
+    return build_embedded_llm_app(EmbeddedLLMConfig(**args))
+
+
 def start_embedded_llm(config: EmbeddedLLMConfig, *, engine_factory: EngineFactory | None = None) -> str:
     """Deploy the embedded LLM on the running Ray cluster and return its ``base_url`` once it answers.
 

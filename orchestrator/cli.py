@@ -109,6 +109,57 @@ def _llm_parser(sub) -> None:
                    help="a candidate-set request gets the labels within this natural-log margin of the best (1.5)")
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a run's specialists and routing over HTTP (Ray Serve), in the foreground",
+        description="Deploy a finished (or running) run as a Ray Serve application: POST /v1/label labels texts as "
+                    "the run does (its specialists vote, hard rows go to its controller), POST "
+                    "/v1/specialists/NAME/predict, GET /v1/specialists, GET /healthz, the OpenAPI page at /docs. "
+                    "Runs until Ctrl-C; with --write-config, writes a config file for `serve deploy` instead.",
+    )
+    p.add_argument("run_dir", help="the run directory of an `annotate` run (OUTPUT.run by default)")
+    p.add_argument("--host", default=None, help="address Serve's HTTP proxy listens on (default: 127.0.0.1; "
+                                                "0.0.0.0 in a written config)")
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: 8000)")
+    p.add_argument("--address", help="Ray cluster to deploy on ('auto', 'ray://host:10001'); default: the run's, "
+                                     "else a local one")
+    p.add_argument("--base-url", help="controller endpoint for the hard rows; default: the run's (a run with the "
+                                      "embedded LLM gets one started beside the service)")
+    p.add_argument("--model", help="controller model name at --base-url")
+    p.add_argument("--max-texts", type=int, help="texts one request may hold (256)")
+    p.add_argument("--write-config", metavar="FILE", help="write a Serve config file (YAML) for `serve deploy` and exit")
+
+
+def _serve_command(args) -> None:
+    from labelwright.orchestrator import service
+
+    if args.write_config:
+        path = service.write_serve_config(args.run_dir, args.write_config, host=args.host or "0.0.0.0",
+                                          port=args.port, base_url=args.base_url, model=args.model)
+        print(f"Serve config written to {path}; deploy it with: serve deploy {path}")
+        return
+    import signal
+    import threading
+
+    from ray import serve
+
+    say = lambda msg: print(f"labelwright serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    url = service.start_service(args.run_dir, host=args.host or "127.0.0.1", port=args.port, address=args.address,
+                                base_url=args.base_url, model=args.model, log=say,
+                                **({"max_texts": args.max_texts} if args.max_texts else {}))
+    print(url, flush=True)
+    say(f"POST {url}/v1/label {{\"texts\": [...]}}; API at {url}/docs; Ctrl-C stops it")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.delete(service.APP_NAME)
+    say("stopped")
+
+
 def _llm_command(args) -> None:
     import os
 
@@ -157,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     _plan_parser(sub)
     _zoo_parser(sub)
     _llm_parser(sub)
+    _serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "annotate":
@@ -176,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             _zoo_command(args)
         elif args.command == "llm":
             _llm_command(args)
+        elif args.command == "serve":
+            _serve_command(args)
     except LabelwrightError as exc:
         print(f"labelwright: error: {exc}", file=sys.stderr)
         return 2

@@ -251,6 +251,11 @@ def annotate(
     learning = _staged_learning(spec, staged, seed, checkpoints, reference, run_dir=run_dir,
                                 train_s=timings["train"], gpu=gpu, swap=swap, gate=gate, log=log,
                                 crossfit=crossfit if crossfit[0] else None)
+    from labelwright.orchestrator.service import save_record
+
+    save_record(run_dir, spec=spec, controller=controller_cfg.model_dump(mode="json"),
+                embedded=spec.controller.base_url is None, calibrated=_fits_threshold(spec, reference),
+                demonstrations=reference.demonstrations or (seed.texts, seed.labels, seed.embeddings))
     t = time.monotonic()
     endpoints = deploy_specialists(spec.specialists, learning.deployed, app_prefix=app_prefix, gpu=gpu)
     timings["deploy"] = time.monotonic() - t

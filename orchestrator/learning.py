@@ -270,13 +270,12 @@ class StagedLearning:
 
     def _publish_threshold(self, record: dict) -> None:
         """Hand the stage's calibrated threshold (if its check fitted one) to the voters."""
-        fit = (record.get("check") or {}).get("gate")
-        if self.gate is None or fit is None:
+        if self.gate is None:
             return
         import ray
 
-        fitted = {k: fit[k] for k in ("stack", "combine") if fit.get(k)}
-        ray.get(self.gate.set_threshold.remote(record["versions"], fit["threshold"], fitted or None))
+        for versions, threshold, fitted in published_fits([record]):
+            ray.get(self.gate.set_threshold.remote(versions, threshold, fitted))
 
     # ---- reporting -----------------------------------------------------------------------------
     def row_stages(self, df: pd.DataFrame, names: list[str]) -> pd.Series:
@@ -349,19 +348,39 @@ class StageGate:
                             + [(dict(versions), threshold, fitted)])
 
     async def threshold_for(self, versions: dict[str, str]) -> tuple[bool, float | None, dict | None]:
-        """(known, threshold, fitted) for a batch voted by these versions; ``fitted``: what else the stage's
-        check fitted ({"stack": the stacked rule's weights, "combine": the controller's combination with
-        the specialists}, None when neither). A batch voted while a swap rolls out mixes two stages'
-        versions: it gets the stricter of their thresholds (None, settle nothing, is the strictest) and the
-        newer stage's fits. (False, None, None) when no stage published one: use the configured threshold."""
-        for v, t, st in self._thresholds:
-            if v == versions:
-                return True, t, st
-        related = [(t, st) for v, t, st in self._thresholds if any(v.get(n) == ver for n, ver in versions.items())]
-        if not related:
-            return False, None, None
-        strict = None if any(t is None for t, _ in related) else max(t for t, _ in related)
-        return True, strict, related[-1][1]
+        return fits_for(self._thresholds, versions)
+
+
+def fits_for(published: list[tuple[dict[str, str], float | None, dict | None]],
+             versions: dict[str, str]) -> tuple[bool, float | None, dict | None]:
+    """(known, threshold, fitted) for a batch voted by these specialist ``versions``, from the stages'
+    ``published`` (versions, threshold, fitted), oldest first; ``fitted``: what else the stage's check fitted
+    ({"stack": the stacked rule's weights, "combine": the controller's combination with the specialists}, None
+    when neither). A batch voted while a swap rolls out mixes two stages' versions: it gets the stricter of their
+    thresholds (None, settle nothing, is the strictest) and the newer stage's fits. (False, None, None) when no
+    stage published one: use the configured threshold."""
+    for v, t, st in published:
+        if v == versions:
+            return True, t, st
+    related = [(t, st) for v, t, st in published if any(v.get(n) == ver for n, ver in versions.items())]
+    if not related:
+        return False, None, None
+    strict = None if any(t is None for t, _ in related) else max(t for t, _ in related)
+    return True, strict, related[-1][1]
+
+
+def published_fits(records: list[dict]) -> list[tuple[dict[str, str], float | None, dict | None]]:
+    """What each stage record publishes to the voters (``StageGate.set_threshold``): its versions, the threshold its
+    check fitted and the fits that go with it; records whose check fitted no threshold publish nothing."""
+    out: list[tuple[dict[str, str], float | None, dict | None]] = []
+    for record in records:
+        fit = (record.get("check") or {}).get("gate")
+        if fit is None:
+            continue
+        fitted = {k: fit[k] for k in ("stack", "combine") if fit.get(k)}
+        out = [e for e in out if e[0] != record["versions"]] + [(dict(record["versions"]), fit["threshold"],
+                                                                 fitted or None)]
+    return out
 
 
 def _gate_text(fit: dict) -> str:

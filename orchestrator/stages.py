@@ -53,11 +53,17 @@ def combined_decision(logits, weight: float, answer: str, confidence, labels: Se
 
 
 class VoteStage:
-    def __init__(self, settings: VoteSettings, gate=None):
+    """``gate``: the StageGate actor with the stages' calibrated thresholds and fits (a job); ``fits``: the same
+    lookup as a plain function of the voters' versions (``learning.fits_for``; a service of a finished run).
+    ``handles``: the specialists' Serve handles by name, where the caller holds them already (an application's
+    own deployments); else each endpoint of ``settings`` gives its handle."""
+
+    def __init__(self, settings: VoteSettings, gate=None, *, handles: dict | None = None, fits=None):
         self.s = settings
         self.gate = gate if settings.calibrated else None  # StageGate actor with the calibrated thresholds
+        self.fits = fits if settings.calibrated else None
         self.names = list(settings.endpoints)
-        self.handles = {n: ep.handle() for n, ep in settings.endpoints.items()}
+        self.handles = dict(handles) if handles is not None else {n: ep.handle() for n, ep in settings.endpoints.items()}
         self.rule = get_rule(settings.rule)
         self.weights = np.array([(settings.weights or {}).get(n, 1.0) for n in self.names])
         self.rule_kwargs = {} if settings.threshold is None else {"threshold": settings.threshold}
@@ -104,10 +110,13 @@ class VoteStage:
     def _votes(self, probs: np.ndarray, versions: dict[str, str]) -> tuple[Votes, dict | None]:
         """The rule's votes, and the stage's combination of the controller with the specialists when its
         check fitted one that pays (``voting.combine``), else None."""
-        if self.gate is not None:
-            import ray
+        if self.gate is not None or self.fits is not None:
+            if self.fits is not None:
+                known, threshold, fitted = self.fits(versions)
+            else:
+                import ray
 
-            known, threshold, fitted = ray.get(self.gate.threshold_for.remote(versions))
+                known, threshold, fitted = ray.get(self.gate.threshold_for.remote(versions))
             if known:
                 fitted = fitted or {}
                 extra = {"stack": Stack.from_dict(fitted["stack"])} if fitted.get("stack") else {}
