@@ -197,11 +197,10 @@ def _service_deployment(*, replicas: int, max_ongoing_requests: int):
                       logging_config={"log_level": "WARNING", "enable_access_log": False})
     @serve.ingress(api)
     class LabelService:
-        def __init__(self, run_dir: str, controller: dict, limits: dict, specialists: dict):
+        def __init__(self, state: ServiceState, controller: dict, limits: dict, specialists: dict):
             from labelwright.orchestrator.stages import ControllerSettings, ControllerStage, VoteSettings, VoteStage
 
-            state = load_service(run_dir)
-            spec = state.spec
+            spec = state.spec  # the run as the builder read it: the stage whose checkpoints it deployed
             self.state, self.labels, self.limits = state, spec.label_names, limits
             self.handles = dict(specialists)
             vote = VoteSettings(labels=spec.label_names, endpoints={n: None for n in self.handles},
@@ -318,7 +317,7 @@ def app_builder(args: dict[str, Any]):
     if unknown or "run_dir" not in args:
         raise ConfigError(f"labelwright service args: {'unknown ' + str(unknown) if unknown else 'run_dir is missing'}; "
                           f"it takes {sorted(known)}")
-    state = load_service(args["run_dir"])
+    state = load_service(Path(args["run_dir"]).resolve())
     controller = _controller(state, args.get("base_url"), args.get("model"))
     gpu = use_gpu(state.spec.runtime.use_gpu, describe())
     specialists = {c.name: specialist_deployment(c, gpu=gpu, checkpoint=state.checkpoints[c.name])
@@ -327,7 +326,7 @@ def app_builder(args: dict[str, Any]):
               "max_text_chars": int(args.get("max_text_chars") or MAX_TEXT_CHARS)}
     service = _service_deployment(replicas=int(args.get("replicas") or 1),
                                   max_ongoing_requests=int(args.get("max_ongoing_requests") or 16))
-    return service.bind(str(Path(args["run_dir"]).resolve()), controller, limits, specialists)
+    return service.bind(state, controller, limits, specialists)
 
 
 def serve_config(run_dir: str | Path, *, host: str = "0.0.0.0", port: int = 8000, base_url: str | None = None,

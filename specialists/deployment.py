@@ -27,8 +27,11 @@ class SpecialistReplica:
         the old weights, calls after this returns use the new ones."""
         checkpoint = user_config["checkpoint"]
         if checkpoint != self._checkpoint:
-            self._specialist = load_specialist(checkpoint)
-            self._checkpoint = checkpoint
+            specialist = load_specialist(checkpoint)
+            # One answer before any caller's: a specialist builds its encoder (and imports transformers' lazy
+            # modules) on first use, and concurrent first calls raced there (ImportError of AutoModel).
+            specialist.predict(["warm-up"])
+            self._specialist, self._checkpoint = specialist, checkpoint
 
     def predict(self, texts: list[str]) -> dict:
         """Probabilities over the task labels for a whole batch of texts (callers batch, not Serve)."""

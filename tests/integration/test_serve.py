@@ -31,7 +31,11 @@ def call(url: str, body=None, *, raw: bytes | None = None, method: str | None = 
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        text = exc.read().decode(errors="replace")
+        try:
+            return exc.code, json.loads(text or "{}")
+        except ValueError:  # not JSON (a proxy's or a crashed route's plain text): still an answer to check
+            return exc.code, {"raw": text[:2000]}
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +164,17 @@ def test_a_later_stage_rolls_in_while_requests_are_sent(served, tmp_path):
     (run_dir / "stages.json").write_text(json.dumps(records + [later]))
 
     url, texts = served["url"], served["out"]["text"].head(8).tolist()
-    statuses, stop = [], threading.Event()
+    statuses, failures, stop = [], [], threading.Event()
 
     def caller():
         while not stop.is_set():
-            statuses.append(call(url + "/v1/label", {"texts": texts})[0])
+            try:
+                status, body = call(url + "/v1/label", {"texts": texts})
+            except Exception as exc:  # noqa: BLE001 - a dropped connection is a failed request too
+                status, body = type(exc).__name__, str(exc)
+            statuses.append(status)
+            if status != 200:
+                failures.append(body)
 
     threads = [threading.Thread(target=caller) for _ in range(3)]
     for t in threads:
@@ -176,7 +186,7 @@ def test_a_later_stage_rolls_in_while_requests_are_sent(served, tmp_path):
         stop.set()
         for t in threads:
             t.join()
-    assert len(statuses) >= 3 and set(statuses) == {200}, statuses
+    assert len(statuses) >= 3 and set(statuses) == {200}, (statuses, failures[:3])
     assert {s["name"]: s["version"] for s in body["specialists"]}["tfidf"] == manifest["version"]
     after = call(url + "/v1/label", {"texts": texts})[1]
     assert after["stage"] == 1 and {r["votes"]["tfidf"]["version"] for r in after["results"]} == {manifest["version"]}
