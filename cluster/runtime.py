@@ -27,11 +27,15 @@ class ClusterInfo:
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> ClusterInfo:
-    """Join the Ray cluster at ``address`` ("auto", "ray://host:10001", ...) or start a local one."""
+    """Join the Ray cluster at ``address`` ("auto", "ray://host:10001", ...), else the one ``RAY_ADDRESS`` names (a
+    Ray job's driver has it set), or start a local one."""
     import ray
     from ray.data import DataContext
 
     started = False
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` (or with RAY_ADDRESS exported) the cluster is chosen: join it, as Ray would.
+        address = os.environ["RAY_ADDRESS"]
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="WARNING",
                       log_to_driver=True)
