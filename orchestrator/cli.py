@@ -151,10 +151,9 @@ def _serve_command(args) -> None:
     print(url, flush=True)
     say(f"POST {url}/v1/label {{\"texts\": [...]}}; API at {url}/docs; Ctrl-C stops it")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ray's own handlers would leave the service up
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
         pass
     serve.delete(service.APP_NAME)
     say("stopped")
