@@ -217,6 +217,7 @@ class FakeOpenAI:
         self.label_logprob = label_logprob
         self.scaffold_logprob = scaffold_logprob
         self.requests: list[dict] = []
+        self.authorizations: set[str] = set()  # the Authorization headers seen (is the key the configured one?)
         self.model_list_calls = 0
         self.max_in_flight = 0
         self._in_flight = 0
@@ -351,6 +352,8 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
+            with fake._lock:
+                fake.authorizations.add(self.headers.get("Authorization") or "")
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 return

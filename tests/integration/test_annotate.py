@@ -484,3 +484,24 @@ def test_candidate_sets_distilled_into_a_student_on_ray_train_then_resume(ray_cl
         assert server.chat_calls == calls
         pd.testing.assert_series_equal(pd.read_parquet(out)["label"], res["label"])
         assert again["candidates"]["student"]["version"] == block["student"]["version"]
+
+
+def test_the_api_key_is_in_no_file_the_run_or_ray_wrote(ray_cluster, datasets_dir, tmp_path, monkeypatch):
+    """The key comes from the environment variable the task names and is sent to the endpoint; no output, report,
+    plan, checkpoint, cache, task file or Ray session log holds it."""
+    import ray
+
+    canary = "sk-labelwright-canary-7f3a9c1e5b"
+    monkeypatch.setenv("LW_CANARY_KEY", canary)
+    path, df = movie_slice(datasets_dir, tmp_path, 60)
+    with FakeOpenAI(oracle(dict(zip(df["text"], df["label"])))) as server:
+        spec = spec_for(server, controller={"api_key_env": "LW_CANARY_KEY", "cache": True,
+                                            "cache_path": str(tmp_path / "cache.sqlite")},
+                        seed={"size": 20}, stages={"enabled": False})
+        annotate(path, spec=spec, output=tmp_path / "out.parquet", report_path=tmp_path / "report.json")
+    assert f"Bearer {canary}" in server.authorizations  # the configured key was the one sent (the seed's calls)
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for root in (tmp_path, session) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "task.json" for p in files) and any(p.suffix == ".sqlite" for p in files)
+    holding = [str(p) for p in files if canary.encode() in p.read_bytes()]
+    assert holding == []
