@@ -29,13 +29,14 @@ class SpecialistEndpoint:
         return serve.get_deployment_handle(self.deployment, app_name=self.app)
 
 
-def deployment_name(config: SpecialistConfig) -> str:
-    return f"specialist-{config.name}"
+def deployment_name(name: str) -> str:
+    """The Serve deployment of the specialist called ``name`` (its own application's, or a service's part)."""
+    return f"specialist-{name}"
 
 
 def deployment_options(config: SpecialistConfig, *, gpu: bool, checkpoint: str) -> dict:
     return {
-        "name": deployment_name(config),
+        "name": deployment_name(config.name),
         "ray_actor_options": actor_resources(num_cpus=config.num_cpus, num_gpus=config.num_gpus, gpu=gpu),
         "autoscaling_config": dict(config.autoscaling or DEFAULT_AUTOSCALING),
         "max_ongoing_requests": 4,
@@ -65,7 +66,7 @@ def deploy_specialists(
         app = f"{app_prefix}-{config.name}"
         bound = specialist_deployment(config, gpu=gpu, checkpoint=checkpoints[config.name])
         targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
-        endpoints[config.name] = SpecialistEndpoint(config.name, app, deployment_name(config))
+        endpoints[config.name] = SpecialistEndpoint(config.name, app, deployment_name(config.name))
     serve.run_many(targets)
     return endpoints
 

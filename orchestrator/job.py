@@ -253,9 +253,10 @@ def annotate(
                                 crossfit=crossfit if crossfit[0] else None)
     from labelwright.orchestrator.service import save_record
 
+    asked = _controller_settings(spec, controller_cfg, seed, reference)  # the bank the hard rows are shown
     save_record(run_dir, spec=spec, controller=controller_cfg.model_dump(mode="json"),
                 embedded=spec.controller.base_url is None, calibrated=_fits_threshold(spec, reference),
-                demonstrations=reference.demonstrations or (seed.texts, seed.labels, seed.embeddings))
+                demonstrations=(asked.demo_texts, asked.demo_labels, asked.demo_embeddings))
     t = time.monotonic()
     endpoints = deploy_specialists(spec.specialists, learning.deployed, app_prefix=app_prefix, gpu=gpu)
     timings["deploy"] = time.monotonic() - t

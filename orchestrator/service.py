@@ -260,11 +260,13 @@ def _service_deployment(*, replicas: int, max_ongoing_requests: int):
         @api.get("/v1/specialists")
         def specialists(self) -> dict:
             """The specialists: kind, version, checkpoint, device, and how many replicas Serve runs of each."""
+            from labelwright.cluster.deploy import deployment_name
+
             replicas = _replicas()
             out = []
             for name, handle in self.handles.items():
                 info = handle.info.remote().result()
-                out.append({**info, "name": name, "replicas": replicas.get(f"specialist-{name}")})
+                out.append({**info, "name": name, "replicas": replicas.get(deployment_name(name))})
             return {"specialists": out, "stage": self.state.stage}
 
         @api.get("/healthz")
