@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -164,3 +165,29 @@ def run_configs(args, configs: dict, run_config, results_name: str) -> list[dict
             for name in [c.strip() for c in args.configs.split("|") if c.strip()]:
                 save_result(work / results_name, run_config(name, configs[name], sample, work, labels, dataset, args))
     return load_results(out_dir, results_name)
+
+
+def batches(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def plain_forward(checkpoints: dict[str, str], texts: list[str], size: int) -> dict:
+    """Every specialist's checkpoint in this process, asked about the texts batch by batch (what one row costs):
+    the limit a served or labelling run is compared with. Rows/s, each batch's latency, and rows/s per specialist."""
+    from labelwright.specialists.registry import load_specialist
+
+    models = {n: load_specialist(p) for n, p in checkpoints.items()}
+    for m in models.values():  # warm: first-call costs (tokenizer, thread pools) are not the steady state
+        m.predict(texts[:size])
+    per, lat = {n: 0.0 for n in models}, []
+    t0 = time.perf_counter()
+    for chunk in batches(texts, size):
+        t = time.perf_counter()
+        for n, m in models.items():
+            s = time.perf_counter()
+            m.predict(chunk)
+            per[n] += time.perf_counter() - s
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"rows_per_s": len(texts) / wall, "latency": lat,
+            "per_specialist_rows_per_s": {n: len(texts) / s for n, s in per.items()}}

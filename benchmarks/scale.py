@@ -20,14 +20,13 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import DATASETS, base_task, noisy_responder  # noqa: E402
+from benchmarks.common import DATASETS, base_task, noisy_responder, plain_forward  # noqa: E402
 
 
 def kind_of(cmdline: str) -> str | None:
@@ -76,19 +75,6 @@ class Memory:
             self.stop.wait(every_s)
 
 
-def plain_forward(checkpoints: dict[str, str], texts: list[str], size: int) -> float:
-    from labelwright.specialists.registry import load_specialist
-
-    models = [load_specialist(p) for p in checkpoints.values()]
-    for m in models:
-        m.predict(texts[:size])
-    t0 = time.perf_counter()
-    for i in range(0, len(texts), size):
-        for m in models:
-            m.predict(texts[i:i + size])
-    return len(texts) / (time.perf_counter() - t0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="movie_sentiment")
@@ -134,7 +120,7 @@ def main() -> None:
                              "peak_rss_mb": {k: round(v) for k, v in sorted(mem.peak.items())}})
                 print(json.dumps(rows[-1]), flush=True)
         texts = pool["text"].astype(str).sample(n=min(args.plain_rows, len(pool)), random_state=0).tolist()
-        plain = plain_forward(checkpoints, texts, 128)
+        plain = plain_forward(checkpoints, texts, 128)["rows_per_s"]
         for r in rows:
             r["ratio_to_plain"] = round(r["labelling_rows_per_s"] / plain, 2)
         result = {"dataset": dataset, "specialists": list(checkpoints), "plain_forward_rows_per_s": round(plain, 1),

@@ -28,38 +28,13 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import DATASETS, base_task, noisy_responder, write_sample  # noqa: E402
+from benchmarks.common import DATASETS, base_task, batches, noisy_responder, plain_forward, write_sample  # noqa: E402
 
 
 def post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as resp:
         return json.loads(resp.read())
-
-
-def batches(texts: list[str], size: int) -> list[list[str]]:
-    return [texts[i:i + size] for i in range(0, len(texts), size)]
-
-
-def plain_forward(checkpoints: dict[str, str], texts: list[str], size: int) -> dict:
-    """Every specialist's checkpoint in this process, asked about the texts batch by batch (what one row costs)."""
-    from labelwright.specialists.registry import load_specialist
-
-    models = {n: load_specialist(p) for n, p in checkpoints.items()}
-    for m in models.values():  # warm: first-call costs (tokenizer, thread pools) are not the steady state
-        m.predict(texts[:size])
-    per, lat = {n: 0.0 for n in models}, []
-    t0 = time.perf_counter()
-    for chunk in batches(texts, size):
-        t = time.perf_counter()
-        for n, m in models.items():
-            s = time.perf_counter()
-            m.predict(chunk)
-            per[n] += time.perf_counter() - s
-        lat.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    return {"rows_per_s": len(texts) / wall, "latency": lat,
-            "per_specialist_rows_per_s": {n: len(texts) / s for n, s in per.items()}}
 
 
 def served(url: str, texts: list[str], size: int, clients: int, route: str = "/v1/label") -> dict:
