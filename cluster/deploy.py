@@ -7,8 +7,10 @@ GPU where the cluster has GPUs, CPUs otherwise.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from labelwright.cluster.runtime import actor_resources
 from labelwright.specialists.base import SpecialistConfig
@@ -27,6 +29,36 @@ class SpecialistEndpoint:
         from ray import serve
 
         return serve.get_deployment_handle(self.deployment, app_name=self.app)
+
+
+def predict_all(handles: Mapping[str, object], texts: list[str], *, patience_s: float = 300.0) -> dict[str, dict]:
+    """Every specialist's ``predict`` on ``texts`` (sent at once), by name.
+
+    A replica lost mid-request (its node gone, its process killed) is asked again through the same handle, which
+    routes to a live replica, or to the one Serve starts in its place: a prediction is a pure function of the
+    checkpoint, so asking twice changes nothing. Errors raised by the specialist itself are not retried; a
+    specialist with no live replica for ``patience_s`` seconds raises the last error."""
+    from ray.exceptions import RayActorError
+
+    pending = {name: handle.predict.remote(texts) for name, handle in handles.items()}
+    out: dict[str, dict] = {}
+    deadline, delay = time.monotonic() + patience_s, 0.5
+    while pending:
+        lost = []
+        for name, response in pending.items():
+            try:
+                out[name] = response.result()
+            except RayActorError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                print(f"specialist {name}: a replica was lost mid-request ({type(exc).__name__}); asking "
+                      f"again in {delay:g} s", file=sys.stderr, flush=True)
+                lost.append(name)
+        if lost:
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+        pending = {name: handles[name].predict.remote(texts) for name in lost}
+    return out
 
 
 def deployment_name(name: str) -> str:

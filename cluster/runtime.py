@@ -41,6 +41,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
                       log_to_driver=True)
         if address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
+            # "local", not None: with None, Ray joins whatever cluster /tmp/ray/ray_current_cluster names (the
+            # last `ray start` on this machine, even one long gone) and then refuses num_cpus.
+            kwargs["address"] = "local"
             cores = os.cpu_count() or 2
             kwargs["num_cpus"] = num_cpus or max(16, 4 * cores)
             started = True

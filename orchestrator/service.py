@@ -248,9 +248,11 @@ def _service_deployment(*, replicas: int, max_ongoing_requests: int):
         @api.post("/v1/specialists/{name}/predict", response_model=PredictResponse)
         def predict(self, name: str, body: TextsRequest) -> dict:
             """One specialist's probabilities over the labels, for each text."""
+            from labelwright.cluster.deploy import predict_all
+
             handle = self._handle(name)
             self._check(body.texts)
-            out = handle.predict.remote(list(body.texts)).result()
+            out = predict_all({name: handle}, list(body.texts))[name]
             probs = np.asarray(out["probs"], dtype=np.float64)
             top = probs.argmax(1)
             return {"name": name, "version": out["version"], "labels": self.labels,

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from labelwright.cluster.deploy import predict_all
 from labelwright.orchestrator.seed import nearest
 from labelwright.orchestrator.voting import (
     Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, top_candidates,
@@ -76,8 +77,7 @@ class VoteStage:
         out = {c: [None] * n for c in vote_columns(self.names)}
         out["hard"] = [False] * n
         if len(active):
-            pending = {name: h.predict.remote(texts) for name, h in self.handles.items()}
-            results = {name: r.result() for name, r in pending.items()}
+            results = predict_all(self.handles, texts)
             probs = np.stack([results[name]["probs"] for name in self.names])  # (S, A, L)
             votes, combine = self._votes(probs, {name: results[name]["version"] for name in self.names})
             avg = mean_probs(probs, self.weights)

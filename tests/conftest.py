@@ -84,6 +84,7 @@ def ray_cluster(tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a cluster of its own, whatever `ray start` left in /tmp/ray/ray_current_cluster
             num_cpus=16,  # logical slots, as labelwright gives a local cluster: headroom for actors that mostly wait
             include_dashboard=False,
             configure_logging=False,
