@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--specialists", choices=["default", "fast"], default="fast",
                     help="fast: TF-IDF and the MiniLM probe; default: those and the fine-tuned MiniLM")
     ap.add_argument("--plain-rows", type=int, default=2000, help="texts the plain forward is timed on")
+    ap.add_argument("--vote-actors", type=int, default=None,
+                    help="runtime.vote_actors (batches voted at once; default: the job's default)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_scale"))
     args = ap.parse_args()
     args.seed_size, args.base_url, args.model = None, None, None
@@ -107,6 +109,8 @@ def main() -> None:
                 task.pop("gold_column")
                 task["stages"] = {"enabled": False}
                 task["voting"] = {"route": "threshold", "reference_rows": 0}
+                if args.vote_actors:
+                    task.setdefault("runtime", {})["vote_actors"] = args.vote_actors
                 if args.specialists == "fast":
                     task["specialists"] = [{"name": "tfidf", "kind": "tfidf_linear"},
                                            {"name": "minilm_probe", "kind": "embedding_linear"}]

@@ -31,8 +31,9 @@ class SpecialistEndpoint:
         return serve.get_deployment_handle(self.deployment, app_name=self.app)
 
 
-def predict_all(handles: Mapping[str, object], texts: list[str], *, patience_s: float = 300.0) -> dict[str, dict]:
-    """Every specialist's ``predict`` on ``texts`` (sent at once), by name.
+def predict_all(handles: Mapping[str, object], texts: list[str], *, patience_s: float = 300.0,
+                **options) -> dict[str, dict]:
+    """Every specialist's ``predict`` on ``texts`` (sent at once, with ``options``), by name.
 
     A replica lost mid-request (its node gone, its process killed) is asked again through the same handle, which
     routes to a live replica, or to the one Serve starts in its place: a prediction is a pure function of the
@@ -40,7 +41,7 @@ def predict_all(handles: Mapping[str, object], texts: list[str], *, patience_s: 
     specialist with no live replica for ``patience_s`` seconds raises the last error."""
     from ray.exceptions import RayActorError
 
-    pending = {name: handle.predict.remote(texts) for name, handle in handles.items()}
+    pending = {name: handle.predict.remote(texts, **options) for name, handle in handles.items()}
     out: dict[str, dict] = {}
     deadline, delay = time.monotonic() + patience_s, 0.5
     while pending:
@@ -57,7 +58,7 @@ def predict_all(handles: Mapping[str, object], texts: list[str], *, patience_s: 
         if lost:
             time.sleep(delay)
             delay = min(2 * delay, 10.0)
-        pending = {name: handles[name].predict.remote(texts) for name in lost}
+        pending = {name: handles[name].predict.remote(texts, **options) for name in lost}
     return out
 
 

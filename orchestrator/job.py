@@ -9,6 +9,7 @@ controller's cache makes re-asked rows free.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -27,6 +28,7 @@ from labelwright.orchestrator.report import CONTROLLER_DECIDED, accuracy, build_
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
     ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again, combined_decision,
+    demonstration_embeddings,
 )
 
 
@@ -436,7 +438,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     vote = VoteSettings(labels=spec.label_names, endpoints=endpoints, rule=spec.voting.rule,
                         threshold=spec.voting.threshold, weights=spec.voting.weights,
                         calibrated=_fits_threshold(spec, reference),
-                        max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices)
+                        max_chars=spec.runtime.max_vote_chars, candidates_k=controller_cfg.max_choices,
+                        embeddings_of=demonstration_embeddings(controller_cfg.model_dump()))
     done_rows = sum(s.n_rows for s in staged.shards if s.index in done_shards)
     learning.rows_seen = learning.rows_at_last_stage = done_rows
     n_ctrl = spec.runtime.controller_actors
@@ -561,7 +564,7 @@ def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -
 
 def _revote(rows: pd.DataFrame, vote: VoteSettings, batch_size: int, gate=None) -> pd.DataFrame:
     """``rows`` voted again by the deployed specialists (the vote stage's columns), on the same index."""
-    voter = VoteStage(vote, gate)
+    voter = VoteStage(dataclasses.replace(vote, embeddings_of=None), gate)  # no controller asks about these
     parts = [voter(rows.iloc[start:start + batch_size][["text", "skip_reason"]].copy())
              for start in range(0, len(rows), batch_size)]
     return pd.concat(parts, ignore_index=True).set_axis(rows.index)

@@ -198,7 +198,9 @@ def _service_deployment(*, replicas: int, max_ongoing_requests: int):
     @serve.ingress(api)
     class LabelService:
         def __init__(self, state: ServiceState, controller: dict, limits: dict, specialists: dict):
-            from labelwright.orchestrator.stages import ControllerSettings, ControllerStage, VoteSettings, VoteStage
+            from labelwright.orchestrator.stages import (
+                ControllerSettings, ControllerStage, VoteSettings, VoteStage, demonstration_embeddings,
+            )
 
             spec = state.spec  # the run as the builder read it: the stage whose checkpoints it deployed
             self.state, self.labels, self.limits = state, spec.label_names, limits
@@ -206,7 +208,8 @@ def _service_deployment(*, replicas: int, max_ongoing_requests: int):
             vote = VoteSettings(labels=spec.label_names, endpoints={n: None for n in self.handles},
                                 rule=spec.voting.rule, threshold=spec.voting.threshold, weights=spec.voting.weights,
                                 calibrated=state.calibrated, max_chars=spec.runtime.max_vote_chars,
-                                candidates_k=int(controller.get("max_choices") or 12))
+                                candidates_k=int(controller.get("max_choices") or 12),
+                                embeddings_of=demonstration_embeddings(controller))
             self.vote = VoteStage(vote, handles=self.handles, fits=state.fits())
             self.ask = ControllerStage(ControllerSettings(
                 controller=controller, labels=spec.label_names, descriptions=spec.descriptions,

@@ -22,6 +22,17 @@ from labelwright.orchestrator.voting import (
 )
 
 
+DEMONSTRATION_ENCODER = "minilm"  # what the controller's demonstrations are found with (the bank's embeddings)
+
+
+def demonstration_embeddings(controller: dict) -> str | None:
+    """``VoteSettings.embeddings_of`` for a controller (its config as a dict): the demonstration encoder's key where
+    the controller is shown demonstrations, else None."""
+    from labelwright.specialists.encoder import encoder_key
+
+    return encoder_key(DEMONSTRATION_ENCODER) if int(controller.get("num_demonstrations") or 0) > 0 else None
+
+
 @dataclass(frozen=True)
 class VoteSettings:
     labels: list[str]
@@ -32,17 +43,21 @@ class VoteSettings:
     calibrated: bool = False  # thresholds (and a stacked rule's weights) per specialist versions come from the StageGate
     max_chars: int = 20000
     candidates_k: int = 12
+    # The controller's demonstration encoder (``encoder_key``): a specialist that embeds with it sends the hard
+    # rows' embeddings along, and the controller stage finds their demonstrations without encoding them again.
+    embeddings_of: str | None = None
 
 
 def vote_columns(names: Sequence[str]) -> list[str]:
     cols = []
     for n in names:
         cols += [f"vote_{n}", f"prob_{n}", f"version_{n}"]
-    return cols + ["specialists_label", "vote_confidence", "hard", "shortlist", "combine_logits", "combine_weight"]
+    return cols + ["specialists_label", "vote_confidence", "hard", "shortlist", "combine_logits", "combine_weight",
+                   "embedding"]
 
 
 # Carried from the vote stage to the controller stage only, never written out.
-INTERNAL_COLUMNS = ["hard", "shortlist", "vote_confidence", "combine_logits", "combine_weight"]
+INTERNAL_COLUMNS = ["hard", "shortlist", "vote_confidence", "combine_logits", "combine_weight", "embedding"]
 
 
 def combined_decision(logits, weight: float, answer: str, confidence, labels: Sequence[str]) -> tuple[str, float]:
@@ -77,7 +92,8 @@ class VoteStage:
         out = {c: [None] * n for c in vote_columns(self.names)}
         out["hard"] = [False] * n
         if len(active):
-            results = predict_all(self.handles, texts)
+            options = {"embeddings_of": self.s.embeddings_of} if self.s.embeddings_of else {}
+            results = predict_all(self.handles, texts, **options)
             probs = np.stack([results[name]["probs"] for name in self.names])  # (S, A, L)
             votes, combine = self._votes(probs, {name: results[name]["version"] for name in self.names})
             avg = mean_probs(probs, self.weights)
@@ -96,6 +112,10 @@ class VoteStage:
                 out["vote_confidence"][i] = float(votes.confidence[j])
                 out["hard"][i] = bool(votes.hard[j])
                 out["shortlist"][i] = [labels[c] for c in cands[j]]
+            embedded = next((r["embeddings"] for r in results.values() if r.get("embeddings") is not None), None)
+            if embedded is not None:  # as bytes: one Arrow binary value per hard row, None elsewhere
+                for j in np.flatnonzero(votes.hard):
+                    out["embedding"][active[j]] = embedded[j].tobytes()
             if combine is not None:  # the specialists' part of the combination, for the rows the controller answers
                 stack = Stack.from_dict(combine["stack"])
                 hard = np.flatnonzero(votes.hard)
@@ -135,7 +155,7 @@ class ControllerSettings:
     demo_texts: list[str]
     demo_labels: list[str]
     demo_embeddings: np.ndarray | None
-    encoder_model: str = "minilm"
+    encoder_model: str = DEMONSTRATION_ENCODER
     seed_answers: dict = field(default_factory=dict)  # row id -> answer dict for rows labelled while seeding
     reference_answers: dict = field(default_factory=dict)  # row id -> answer dict for the reference rows
     max_calls: int | None = None  # remaining budget for this actor
@@ -163,11 +183,9 @@ class ControllerStage:
         self.config = config
         self.controller = Controller(config, labels=settings.labels, descriptions=settings.descriptions,
                                      instruction=settings.instruction)
-        self.encoder = None
-        if config.num_demonstrations > 0 and settings.demo_embeddings is not None and len(settings.demo_texts):
-            from labelwright.specialists.encoder import Encoder
-
-            self.encoder = Encoder(settings.encoder_model)
+        self.demonstrating = (config.num_demonstrations > 0 and settings.demo_embeddings is not None
+                              and len(settings.demo_texts) > 0)
+        self._encoder = None  # built on the first row that came without its embedding
         self.calls = 0
         self.tokens = 0
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
@@ -230,7 +248,8 @@ class ControllerStage:
                     res["retryable"][i] = True  # a later run with budget left may ask it
                 continue
             texts = [batch.at[i, "text"] for i in part]
-            demos = self.demonstrations(texts)
+            embedded = [batch.at[i, "embedding"] for i in part] if "embedding" in batch.columns else None
+            demos = self.demonstrations(texts, embedded)
             many = len(self.s.labels) > self.config.max_choices
             choices = [list(batch.at[i, "shortlist"]) for i in part] if many else None
             answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
@@ -256,14 +275,31 @@ class ControllerStage:
                 "shards are saved: fix the endpoint and run the same command again to resume"
             )
 
-    def demonstrations(self, texts: list[str]) -> list[list[tuple[str, str]]] | None:
-        if self.encoder is None:
+    def demonstrations(self, texts: list[str], embedded: list | None = None) -> list[list[tuple[str, str]]] | None:
+        """The nearest demonstrations for each text; ``embedded``: the texts' embeddings (float32 bytes) where the
+        vote stage had them from a specialist (None where not): only the others are encoded here."""
+        if not self.demonstrating:
             return None
-        q = self.encoder.encode(texts)
+        embedded = embedded if embedded is not None else [None] * len(texts)
+        missing = [j for j, e in enumerate(embedded) if e is None]
+        q = np.zeros((len(texts), self.s.demo_embeddings.shape[1]), np.float32)
+        for j, e in enumerate(embedded):
+            if e is not None:
+                q[j] = np.frombuffer(e, dtype=np.float32)
+        if missing:
+            q[missing] = self.encoder.encode([texts[j] for j in missing])
         idx = nearest(q, self.s.demo_embeddings, self.config.num_demonstrations, query_texts=list(texts),
                       bank_texts=self.s.demo_texts)
         # most similar last: closest to the question in the prompt
         return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from labelwright.specialists.encoder import Encoder
+
+            self._encoder = Encoder(self.s.encoder_model)
+        return self._encoder
 
     def _combine(self, batch: pd.DataFrame, i: int, res: dict) -> None:
         """Where the stage fitted a combination that pays (``voting.combine``), it decides the row from the

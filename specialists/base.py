@@ -174,7 +174,18 @@ class Specialist(ABC):
         """What callers get (Serve replicas, checks): ``predict_proba``, except that a text this specialist was
         cross-fitted on gets the probabilities of the fold model that never saw it. A row it trained on that
         way is still judged, and voted on, as if it had not."""
-        probs = self.predict_proba(texts)
+        return self._with_out_of_fold(texts, self.predict_proba(texts))
+
+    #: The sentence encoder (``encoder_key``) whose embeddings ``predict_embedded`` returns; None: none.
+    embeds: str | None = None
+
+    def predict_embedded(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict``, and the sentence embeddings it was computed from where the kind has them (``embeds``
+        names their encoder): the job finds the controller's demonstrations with them instead of encoding the
+        text again."""
+        return self.predict(texts), None
+
+    def _with_out_of_fold(self, texts: Sequence[str], probs: np.ndarray) -> np.ndarray:
         if self._out_of_fold is None or not len(texts):
             return probs
         saved, where = self._out_of_fold[1], self._out_of_fold_index

@@ -33,14 +33,20 @@ class SpecialistReplica:
             specialist.predict(["warm-up"])
             self._specialist, self._checkpoint = specialist, checkpoint
 
-    def predict(self, texts: list[str]) -> dict:
-        """Probabilities over the task labels for a whole batch of texts (callers batch, not Serve)."""
+    def predict(self, texts: list[str], embeddings_of: str | None = None) -> dict:
+        """Probabilities over the task labels for a whole batch of texts (callers batch, not Serve); with
+        ``embeddings`` too where the specialist computed them with the encoder ``embeddings_of`` names."""
         specialist = self._specialist  # one read: a swap during this call does not mix two versions
         if specialist is None:
             raise RuntimeError("replica has no checkpoint yet: deploy it with user_config={'checkpoint': dir}")
+        if not texts:
+            return {"probs": np.zeros((0, len(specialist.labels)), np.float32), "version": specialist.version}
         # predict: a text the specialist was cross-fitted on gets its out-of-fold probabilities
-        probs = specialist.predict(list(texts)) if texts else np.zeros((0, len(specialist.labels)))
-        return {"probs": np.asarray(probs, dtype=np.float32), "version": specialist.version}
+        if embeddings_of is not None and specialist.embeds == embeddings_of:
+            probs, embeddings = specialist.predict_embedded(list(texts))
+            return {"probs": np.asarray(probs, dtype=np.float32), "version": specialist.version,
+                    "embeddings": np.asarray(embeddings, dtype=np.float32)}
+        return {"probs": np.asarray(specialist.predict(list(texts)), dtype=np.float32), "version": specialist.version}
 
     def info(self) -> dict:
         s = self._specialist

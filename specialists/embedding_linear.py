@@ -13,7 +13,7 @@ import numpy as np
 
 from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, read_manifest
-from labelwright.specialists.encoder import Encoder
+from labelwright.specialists.encoder import Encoder, encoder_key
 from labelwright.specialists.linear_head import cross_fit_head, fit_linear_head, predict_linear_head
 
 # Measured on movie_sentiment and yahoo_topics at 100 and 300 seed rows (train -> dev, 3 draws each):
@@ -63,15 +63,27 @@ class EmbeddingLinearSpecialist(Specialist):
         self._keep_out_of_fold(texts, folds, out)
         return out
 
+    @property
+    def embeds(self) -> str:
+        return encoder_key(self.config.model, self.config.max_length)
+
     def predict_proba(self, texts) -> np.ndarray:
+        return self._scores(texts)[0]
+
+    def predict_embedded(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        probs, X = self._scores(texts)
+        return self._with_out_of_fold(texts, probs), X
+
+    def _scores(self, texts) -> tuple[np.ndarray, np.ndarray]:
         if self.W is None:
             raise SpecialistError(
                 f"specialist {self.name!r} (embedding_linear) is not trained: call fit() on a seed set or load a saved one"
             )
         texts = self._clean_texts(texts)
         if not texts:
-            return np.zeros((0, len(self.labels)), np.float32)
-        return predict_linear_head(self.encoder.encode(texts), self.W, self.b)
+            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
+        X = self.encoder.encode(texts)
+        return predict_linear_head(X, self.W, self.b), X
 
     def save(self, directory) -> None:
         if self.W is None:

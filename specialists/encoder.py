@@ -97,6 +97,11 @@ def length_order(texts: Sequence[str]) -> np.ndarray:
     return np.argsort([len(t) for t in texts], kind="stable")
 
 
+def encoder_key(model: str = "minilm", max_length: int = 128) -> str:
+    """What makes two encoders' embeddings the same: the model and where texts are cut (``Encoder.key``)."""
+    return f"{model}@{max_length}"
+
+
 class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings (float32, (n, d))."""
 
@@ -110,6 +115,10 @@ class Encoder:
         self.tokenizer = load_pretrained(AutoTokenizer, model)
         self.model = load_pretrained(AutoModel, model).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
+
+    @property
+    def key(self) -> str:
+        return encoder_key(self.model_ref, self.max_length)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         texts = ["" if t is None else str(t)[: self.max_length * 16] for t in texts]

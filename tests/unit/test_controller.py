@@ -482,3 +482,31 @@ def test_gold_rows_join_the_demonstrations_and_no_row_sees_its_own(tmp_path):
     assert with_gold_demonstrations(settings, CheckSet(gold.texts, gold.labels, "audit", rows=[3, 7])) is settings
     off = dataclasses.replace(settings, controller={**settings.controller, "gold_demonstrations": False})
     assert with_gold_demonstrations(off, gold) is off
+
+
+def test_demonstrations_use_the_embeddings_the_vote_stage_brought(tmp_path, monkeypatch):
+    """Rows that come with their embedding (from the probe's replica) are not encoded again: with all of them
+    given, the stage never builds its encoder; the demonstrations are the ones its own encoding finds."""
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+    from labelwright.specialists.encoder import Encoder
+
+    encoder = Encoder("minilm")
+    bank = ["a wonderful film", "a dreadful film", "superb acting", "a boring plot"]
+    settings = ControllerSettings(
+        controller={"base_url": "http://127.0.0.1:9/v1", "model": "fake-model", "cache": False,
+                    "num_demonstrations": 2, "cache_path": str(tmp_path / "c.sqlite")},
+        labels=LABELS, descriptions={}, instruction="", demo_texts=bank,
+        demo_labels=["positive", "negative", "positive", "negative"], demo_embeddings=encoder.encode(bank))
+    asked = ["the acting was wonderful", "what a dull, boring story"]
+    own = ControllerStage(settings)
+    own._encoder = encoder
+    expected = own.demonstrations(asked)
+    own.controller.close()
+    stage = ControllerStage(settings)
+    brought = [e.tobytes() for e in encoder.encode(asked)]
+    assert stage.demonstrations(asked, brought) == expected and stage._encoder is None
+    encoded = []
+    monkeypatch.setattr(encoder, "encode", lambda texts: encoded.append(list(texts)) or Encoder.encode(encoder, texts))
+    stage._encoder = encoder
+    assert stage.demonstrations(asked, [brought[0], None]) == expected and encoded == [asked[1:]]
+    stage.controller.close()

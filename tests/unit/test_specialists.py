@@ -213,6 +213,30 @@ def test_embedding_linear_learns_and_round_trips(movie, tmp_path):
     np.testing.assert_allclose(again.predict_proba(dev_texts[:20]), probs[:20], atol=1e-6)
 
 
+def test_the_probe_hands_over_the_embeddings_it_voted_with(movie, tmp_path):
+    """Asked for the embeddings of the encoder it uses, the probe's replica returns them with its probabilities
+    (the same vectors the controller's demonstration encoder computes; out-of-fold probabilities kept); asked for
+    another encoder's, only probabilities."""
+    from labelwright.specialists.deployment import SpecialistReplica
+    from labelwright.specialists.encoder import Encoder, encoder_key
+
+    texts, labels, dev_texts, _ = movie
+    spec = build_specialist(SpecialistConfig(name="probe", kind="embedding_linear"), LABELS)
+    folds = np.array([i % 3 for i in range(30)] + [-1] * 30)
+    spec.cross_fit(texts[:60], labels[:60], folds=folds)
+    spec.save(tmp_path / "probe")
+    replica = SpecialistReplica()
+    replica.reconfigure({"checkpoint": str(tmp_path / "probe")})
+    asked = texts[:3] + dev_texts[:5]  # three it was cross-fitted on, five it never saw
+    plain = replica.predict(asked)
+    both = replica.predict(asked, embeddings_of=encoder_key("minilm", 128))
+    assert "embeddings" not in plain and spec.embeds == encoder_key("minilm", 128)
+    np.testing.assert_allclose(both["probs"], plain["probs"], atol=1e-6)
+    np.testing.assert_allclose(both["probs"][:3], spec.out_of_fold[1][:3], atol=1e-6)  # not the in-sample fit
+    np.testing.assert_allclose(both["embeddings"], Encoder("minilm").encode(asked), atol=1e-5)
+    assert "embeddings" not in replica.predict(asked, embeddings_of=encoder_key("minilm", 256))
+
+
 def test_encoder_embeddings_are_normalised():
     enc = Encoder(max_length=32, batch_size=4)
     emb = enc.encode(["a good film", "", "a bad film", "a good movie"])
