@@ -280,10 +280,11 @@ class ControllerStage:
         vote stage had them from a specialist (None where not): only the others are encoded here."""
         if not self.demonstrating:
             return None
-        embedded = embedded if embedded is not None else [None] * len(texts)
-        missing = [j for j, e in enumerate(embedded) if e is None]
+        # Anything but bytes (None; a null that came through Arrow some other way) is a row to encode here.
+        given = [e if isinstance(e, (bytes, bytearray)) else None for e in (embedded or [None] * len(texts))]
+        missing = [j for j, e in enumerate(given) if e is None]
         q = np.zeros((len(texts), self.s.demo_embeddings.shape[1]), np.float32)
-        for j, e in enumerate(embedded):
+        for j, e in enumerate(given):
             if e is not None:
                 q[j] = np.frombuffer(e, dtype=np.float32)
         if missing:

@@ -508,5 +508,5 @@ def test_demonstrations_use_the_embeddings_the_vote_stage_brought(tmp_path, monk
     encoded = []
     monkeypatch.setattr(encoder, "encode", lambda texts: encoded.append(list(texts)) or Encoder.encode(encoder, texts))
     stage._encoder = encoder
-    assert stage.demonstrations(asked, [brought[0], None]) == expected and encoded == [asked[1:]]
+    assert stage.demonstrations(asked, [brought[0], float("nan")]) == expected and encoded == [asked[1:]]
     stage.controller.close()
