@@ -97,15 +97,20 @@ def length_order(texts: Sequence[str]) -> np.ndarray:
     return np.argsort([len(t) for t in texts], kind="stable")
 
 
-def encoder_key(model: str = "minilm", max_length: int = 128) -> str:
-    """What makes two encoders' embeddings the same: the model and where texts are cut (``Encoder.key``)."""
+DEFAULT_MAX_LENGTH = 128
+
+
+def encoder_key(model: str, max_length: int = DEFAULT_MAX_LENGTH) -> str:
+    """What makes two encoders' embeddings the same: the model and where texts are cut (an ``Encoder``'s
+    ``model`` and ``max_length``)."""
     return f"{model}@{max_length}"
 
 
 class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings (float32, (n, d))."""
 
-    def __init__(self, model: str = "minilm", *, max_length: int = 128, batch_size: int = 64, device=None):
+    def __init__(self, model: str = "minilm", *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
+                 device=None):
         from transformers import AutoModel, AutoTokenizer
 
         self.model_ref = model
@@ -115,10 +120,6 @@ class Encoder:
         self.tokenizer = load_pretrained(AutoTokenizer, model)
         self.model = load_pretrained(AutoModel, model).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
-
-    @property
-    def key(self) -> str:
-        return encoder_key(self.model_ref, self.max_length)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         texts = ["" if t is None else str(t)[: self.max_length * 16] for t in texts]
