@@ -49,7 +49,7 @@ def controller_alone(texts, labels, descriptions, instruction, controller_cfg, s
     leaving out a row's own text, as the pipeline does with ``controller.gold_demonstrations``."""
     from labelwright.orchestrator.bootstrap import label_choices, verbalise
     from labelwright.orchestrator.controller import Controller
-    from labelwright.orchestrator.seed import nearest
+    from labelwright.orchestrator.acquisition import nearest
     from labelwright.specialists.encoder import Encoder
 
     enc = Encoder("minilm")

@@ -63,7 +63,7 @@ def build_prompts(datasets: list[str], rows: int) -> list[dict]:
     import pandas as pd
 
     from labelwright.specialists import prompts
-    from labelwright.orchestrator.seed import nearest
+    from labelwright.orchestrator.acquisition import nearest
     from labelwright.specialists.encoder import Encoder
 
     encoder = Encoder("minilm")

@@ -18,7 +18,7 @@ import pandas as pd
 
 from labelwright.orchestrator.dataset_io import StagedInput, read_frame
 from labelwright.specialists.errors import InputDataError
-from labelwright.orchestrator.seed import diverse_sample
+from labelwright.orchestrator.acquisition import diverse_sample
 from labelwright.orchestrator.voting import top_candidates
 
 

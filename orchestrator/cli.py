@@ -52,6 +52,19 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--seed-file", help="gold-labelled seed file (columns text,label) used instead of the controller")
     p.add_argument("--max-llm-calls", type=int, help="budget: rows past it stay unresolved")
     p.add_argument("--max-llm-tokens", type=int, help="budget: rows past it stay unresolved")
+    p.add_argument("--mode", choices=["pipeline", "active"],
+                   help="pipeline (default): specialists vote, the controller settles the hard rows; active: the "
+                        "controller labels the rows an acquisition strategy picks, in rounds, within --max-llm-calls, "
+                        "and a task model trained on them labels the rest")
+    p.add_argument("--acquisition", help="active mode: random, entropy, least_confidence, margin, kmeans, kcenter or "
+                                         "hybrid (default)")
+    p.add_argument("--rounds", type=int, help="active mode: split the budget over this many rounds (8)")
+    p.add_argument("--batch-per-round", type=int, help="active mode: rows the controller labels per round")
+    p.add_argument("--stop-kappa", type=float, help="active mode: stop the rounds once Cohen's kappa between two "
+                                                    "rounds' predictions reaches this; the rest of the budget buys "
+                                                    "the least confident rows")
+    p.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=None,
+                   help="active mode: learning to reweight the controller's labels against --gold-file rows")
     p.add_argument("--limit", type=int, help="label only the first N rows")
     p.add_argument("--run-dir", help="where checkpoints, the seed set and partial output go (default: OUTPUT.run)")
     p.add_argument("--fresh", action="store_true", help="discard the run directory and start over")
@@ -196,6 +209,9 @@ def _overrides(a: argparse.Namespace) -> dict:
         "seed": {"size": a.seed_size, "gold_file": a.seed_file},
         "budget": {"max_llm_calls": a.max_llm_calls, "max_llm_tokens": a.max_llm_tokens},
         "runtime": {"address": a.address},
+        "mode": a.mode,
+        "active": {"acquisition": a.acquisition, "rounds": a.rounds, "batch_per_round": a.batch_per_round,
+                   "stop_kappa": a.stop_kappa, "reweight": a.reweight},
     }
     return {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v) for k, v in o.items()}
 

@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
 from labelwright.specialists.errors import ConfigError, ControllerError, InputDataError
-from labelwright.orchestrator.report import CONTROLLER_DECIDED, accuracy, build_report, sent_to_llm, summary
+from labelwright.orchestrator.report import (
+    CONTROLLER_DECIDED, accuracy, build_report, publish_report, sent_to_llm,
+)
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
     ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again, combined_decision,
@@ -50,6 +52,9 @@ def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None, plan_
         data["voting"].pop("combine")
     if data["controller"].get("gold_demonstrations") is True:
         data["controller"].pop("gold_demonstrations")
+    if data.get("mode") == "pipeline":
+        data.pop("mode")
+        data.pop("active", None)
     out = {"input": str(input_path.resolve()), "limit": limit, "task": data}
     if plan_path is not None:
         out["plan"] = hashlib.sha1(Path(plan_path).read_bytes()).hexdigest() if Path(plan_path).is_file() else None
@@ -189,6 +194,12 @@ def annotate(
     t = time.monotonic()
     controller_cfg, controller = start_controller(spec, log)
     timings["start_controller"] = time.monotonic() - t
+    if spec.mode == "active":
+        from labelwright.orchestrator.active import annotate_active
+
+        return annotate_active(staged, spec=spec, controller=controller, run_dir=run_dir, output=output,
+                               output_format=output_format, report_path=report_path, gold_file_rows=gold_file_rows,
+                               timings=timings, t0=t0, log=log)
 
     encoder = Encoder("minilm")
     t = time.monotonic()
@@ -528,12 +539,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     base = Path(report_path) if report_path else output
     plot = plot_stages(stages_report, base.with_name(base.stem + ".stages.png"))
     report["stages"]["plot"] = str(plot)
-    if report_path:
-        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_path).write_text(json.dumps(report, indent=2, default=str))
-    log(summary(report))
-    log(f"output: {output}" + (f", report: {report_path}" if report_path else ""))
-    return report
+    return publish_report(report, report_path=report_path, output=output, log=log)
 
 
 def _finished(staged: StagedInput, parts_dir: Path) -> set[int]:

@@ -126,6 +126,18 @@ def build_report(
     return report
 
 
+def publish_report(report: dict, *, report_path, output, log) -> dict:
+    """Write ``report`` as JSON to ``report_path`` (when given) and log its summary and where the output went."""
+    import json
+
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(json.dumps(report, indent=2, default=str))
+    log(summary(report))
+    log(f"output: {output}" + (f", report: {report_path}" if report_path else ""))
+    return report
+
+
 def combined_block(df: pd.DataFrame) -> dict:
     """What the combination of the controller with the specialists (``voting.combine``) did: of the rows the
     controller answered while labelling (not the seed or reference rows), how many it overruled, and with

@@ -184,6 +184,16 @@ class DistillConfig(_Strict):
         return value
 
 
+class ActiveConfig(_Strict):
+    """Active annotation (``mode: active``): which rows the controller labels, in rounds, under budget.max_llm_calls."""
+
+    acquisition: Literal["random", "entropy", "least_confidence", "margin", "kmeans", "kcenter", "hybrid"] = "hybrid"
+    rounds: int | None = Field(default=8, ge=1)  # the budget split evenly over this many rounds (the first: a seed)
+    batch_per_round: int | None = Field(default=None, ge=1)  # instead of rounds: rows bought per round
+    stop_kappa: float | None = Field(default=None, gt=-1.0, le=1.0)  # predictions this stable: the rounds stop
+    reweight: bool = False  # learning to reweight (Ren et al. 2018) against a gold file, else the first round
+
+
 def _default_specialists() -> list[SpecialistConfig]:
     return [
         SpecialistConfig(name="tfidf", kind="tfidf_linear"),
@@ -207,6 +217,10 @@ class TaskSpec(_Strict):
     planning: PlanningConfig = Field(default_factory=PlanningConfig)
     embedded_llm: EmbeddedLLMConfig = Field(default_factory=EmbeddedLLMConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    # pipeline: specialists vote, the controller settles the hard rows. active: the controller labels the rows
+    # an acquisition strategy picks, in rounds, and a task model trained on them labels the rest (``active``).
+    mode: Literal["pipeline", "active"] = "pipeline"
+    active: ActiveConfig = Field(default_factory=ActiveConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("labels", mode="before")

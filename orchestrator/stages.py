@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from labelwright.cluster.deploy import predict_all
-from labelwright.orchestrator.seed import nearest
+from labelwright.orchestrator.acquisition import nearest
 from labelwright.orchestrator.voting import (
     Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, top_candidates,
 )

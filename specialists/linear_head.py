@@ -49,6 +49,8 @@ def fit_linear_head(features, y: np.ndarray, n_classes: int, *, sample_weight: n
         # Stopping at MAX_ITER on a tiny L2 leaves the weights a little short of the optimum; the
         # predictions are those of a strongly fitted model either way.
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # Many labels and few rows (77 intents, 100 rows) is the normal case here, not a regression problem.
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
         model.fit(features, y, sample_weight=w / w.sum())
     W = np.zeros((d, n_classes), np.float32)
     b = np.full(n_classes, -30.0, np.float32)

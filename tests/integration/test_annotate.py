@@ -505,3 +505,39 @@ def test_the_api_key_is_in_no_file_the_run_or_ray_wrote(ray_cluster, datasets_di
     assert any(p.name == "task.json" for p in files) and any(p.suffix == ".sqlite" for p in files)
     holding = [str(p) for p in files if canary.encode() in p.read_bytes()]
     assert holding == []
+
+
+def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larger_budget(ray_cluster, movie,
+                                                                                        tmp_path, capsys, monkeypatch):
+    """``--mode active``: the controller is asked about exactly the budget's rows, picked in rounds; the task model
+    labels the rest; a second run of the same command with a larger budget buys only new rows."""
+    path, df = movie
+    truth = dict(zip(df["text"], df["label"]))
+    monkeypatch.setenv("LABELWRIGHT_CACHE", str(tmp_path / "cache"))  # not the user's cache: every answer is bought
+    with FakeOpenAI(oracle(truth)) as server:
+        out = tmp_path / "active.parquet"
+        args = ["annotate", str(path), "-o", str(out), "--labels", "positive,negative", "--gold-column", "label",
+                "--base-url", server.base_url, "--model", server.model, "--mode", "active", "--rounds", "4",
+                "--acquisition", "hybrid", "--report", str(tmp_path / "r.json")]
+        assert main(args) == 2  # no budget: active mode has nothing to spend
+        assert "--max-llm-calls" in capsys.readouterr().err
+        assert main(args + ["--max-llm-calls", "24"]) == 0
+        res = pd.read_parquet(out)
+        assert len(res) == len(df) and res["row"].tolist() == list(range(len(df)))
+        assert set(res["decided_by"]) == {"controller", "model"}
+        bought = res[res["decided_by"] == "controller"]
+        assert len(bought) == 24 == server.chat_calls == res["llm_calls"].sum()
+        assert (bought["label"] == bought["gold"]).all()
+        assert sorted(bought["round"].unique().tolist()) == [1, 2, 3, 4]
+        assert res.loc[res["decided_by"] == "model", "round"].isna().all()
+        assert res["model_label"].isin(["positive", "negative"]).all()
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["mode"] == "active" and report["active"]["spent"] == 24 and report["llm_share"] == 24 / len(df)
+        assert report["gold"]["accuracy"] > 0.5
+
+        first = set(bought["row"])
+        assert main(args + ["--max-llm-calls", "36"]) == 0  # same run directory: the rounds go on
+        again = pd.read_parquet(out)
+        assert server.chat_calls == 36  # 12 new answers, none bought twice
+        now = set(again.loc[again["decided_by"] == "controller", "row"])
+        assert first < now and len(now) == 36 and again["row"].is_unique

@@ -84,3 +84,18 @@ def test_settings_added_at_their_default_leave_a_runs_fingerprint_as_it_was(tmp_
     assert "combine" not in base["task"]["voting"] and "gold_demonstrations" not in base["task"]["controller"]
     assert fingerprint(controller={"gold_demonstrations": False}) != base
     assert fingerprint(voting={"combine": "never"}) != base
+    assert "mode" not in base["task"] and "active" not in base["task"]  # the pipeline's runs resume as before
+    active = fingerprint(mode="active")
+    assert active != base and active["task"]["active"]["acquisition"] == "hybrid"
+    assert fingerprint(mode="active", active={"acquisition": "random"}) != active
+
+
+def test_active_settings_are_checked():
+    spec = load_task(None, {"labels": "a,b", "mode": "active", "active": {"acquisition": "kcenter", "rounds": 3}})
+    assert spec.mode == "active" and spec.active.acquisition == "kcenter" and spec.active.rounds == 3
+    with pytest.raises(ConfigError, match=r"active.acquisition"):
+        load_task(None, {"labels": "a,b", "active": {"acquisition": "best"}})
+    with pytest.raises(ConfigError, match=r"mode"):
+        load_task(None, {"labels": "a,b", "mode": "passive"})
+    with pytest.raises(ConfigError, match=r"active.rounds"):
+        load_task(None, {"labels": "a,b", "active": {"rounds": 0}})
