@@ -124,11 +124,11 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
                gold: Sequence[str | None] | None = None,
                log: Callable[[str], None] = print) -> tuple[np.ndarray, dict[int, float]]:
     """Run (or go on with) the rounds over the pool ``X`` (n, d); returns the last task model's probabilities
-    (n, labels) and the weight each bought row had in its fit (position -> weight; 1 without reweighting). ``state`` is empty or what a killed run saved;
-    ``save`` is called after every round. ``reference`` (embeddings, label indices) is what reweighting
-    (``settings.reweight``) measures the rows against: a pair, or a function giving it at each fit (None: no
-    weights yet). ``gold`` (optional, per row) only feeds the rounds' log lines and
-    records. Never asks about a row twice, never starts a request once ``max_calls`` are spent."""
+    (n, labels) and the weight each bought row had in its fit (position -> weight; 1 without reweighting).
+    ``state`` is empty or what a killed run saved; ``save`` is called after every round. ``reference``
+    (embeddings, label indices): what reweighting (``settings.reweight``) measures the rows against, a pair or a
+    function giving it at each fit (None: no weights yet). ``gold`` (optional, per row) only feeds the rounds'
+    log lines and records. Never asks about a row twice; ``ask`` decides how close to ``max_calls`` it goes."""
     labels = list(labels)
     index = {lab: i for i, lab in enumerate(labels)}
     n, K = len(X), len(labels)
@@ -181,8 +181,8 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
                             seed=settings.seed + rnd)]
         answers = ask(pick, probs[pick])
         state.add(pick[:len(answers)], answers, rnd)
-        record = {"round": rnd, "strategy": strategy, "asked": int(len(answers)), "labelled": int(sum(a[0] is not None for a in answers)),
-                  "calls": int(sum(a[1] for a in answers)), "spent": state.spent, "kappa": kappa}
+        record = {"round": rnd, "strategy": strategy, "asked": int(len(answers)),
+                  "labelled": int(sum(a[0] is not None for a in answers)), "calls": int(sum(a[1] for a in answers)), "spent": state.spent, "kappa": kappa}
         if gold_idx is not None:
             unl = (~asked) & (gold_idx >= 0)
             record["model_accuracy_before"] = float(np.mean(pred[unl] == gold_idx[unl])) if unl.any() else None
@@ -192,7 +192,8 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
         state.last_pred = pred.tolist()
         save(state)
         log(f"active: round {rnd}: {strategy} picked {len(pick)} rows, {record['labelled']} labelled; "
-            f"{state.spent}/{max_calls} LLM calls spent" + (f"; kappa to the round before {kappa:.3f}" if kappa is not None else "")
+            f"{state.spent}/{max_calls} LLM calls spent"
+            + (f"; kappa to the round before {kappa:.3f}" if kappa is not None else "")
             + (f"; model right on {record['model_accuracy_before']:.1%} of the unbought rows before it"
                if record.get("model_accuracy_before") is not None else ""))
         if len(answers) < len(pick):
@@ -346,12 +347,9 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
     from labelwright.orchestrator.dataset_io import write_frame
     from labelwright.orchestrator.report import accuracy, build_report, publish_report
     from labelwright.specialists.encoder import Encoder
-    from labelwright.specialists.errors import ConfigError
 
     cfg = spec.active
     budget = spec.budget.max_llm_calls
-    if budget is None:
-        raise ConfigError("active mode spends a budget of LLM calls: give --max-llm-calls N (budget.max_llm_calls)")
     labels = spec.label_names
     t = time.monotonic()
     rows, X = embed_rows(staged, run_dir=run_dir, actors=spec.runtime.vote_actors, log=log)
@@ -376,16 +374,7 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
             f"{len(state.pos)} rows bought)")
     settings = ActiveSettings(acquisition=cfg.acquisition, rounds=cfg.rounds, batch_per_round=cfg.batch_per_round,
                               stop_kappa=cfg.stop_kappa, reweight=cfg.reweight)
-    if cfg.reweight and reference is None:
-        log("active: reweighting needs reference rows: without a gold file (--gold-file) the controller's answers "
-            "on the first round's rows are the reference")
     ask = controller_ask(controller, texts, X, state, labels, max_calls=budget, bank=bank, label_emb=label_emb)
-
-    def reference_now():
-        if reference is not None or not cfg.reweight:
-            return reference
-        first = [(p, lab) for p, lab, r in zip(state.pos, state.label, state.round) if r == 1 and lab is not None]
-        return (X[[p for p, _ in first]], np.array([labels.index(lab) for _, lab in first])) if first else None
 
     t = time.monotonic()
     log(f"active: {cfg.acquisition} acquisition, budget {budget} LLM calls, "
@@ -394,7 +383,7 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
     gold = by_row.loc[rows, "gold"].tolist() if "gold" in by_row.columns else None
 
     probs, weights = run_active(X, labels, ask=ask, max_calls=budget, settings=settings, state=state,
-                                save=lambda s: s.save(state_path), reference=reference_now, gold=gold, log=log)
+                                save=lambda s: s.save(state_path), reference=reference, gold=gold, log=log)
     timings["label"] = time.monotonic() - t
 
     # The output: every input row once.
@@ -451,8 +440,8 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
         extra={"mode": "active", "controller": {"model": controller.config.model, "base_url": controller.config.base_url},
                "active": {"acquisition": cfg.acquisition, "budget": budget, "spent": state.spent,
                           "rows_bought": len(state.pos), "rounds": state.rounds,
-                          "reweight": ({"reference": "gold file" if reference is not None else "first round",
-                                        "rows": len(w), "zero_weight": int(sum(1 for v in w if v == 0)),
+                          "reweight": ({"reference": "gold file", "reference_rows": len(reference[1]), "rows": len(w),
+                                        "zero_weight": int(sum(1 for v in w if v == 0)),
                                         "min": min(w), "max": max(w)} if w else None)},
                "output": str(output), "run_dir": str(run_dir)})
     if "gold" in out.columns and out["gold"].notna().any():

@@ -510,7 +510,8 @@ def test_the_api_key_is_in_no_file_the_run_or_ray_wrote(ray_cluster, datasets_di
 def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larger_budget(ray_cluster, movie,
                                                                                         tmp_path, capsys, monkeypatch):
     """``--mode active``: the controller is asked about exactly the budget's rows, picked in rounds; the task model
-    labels the rest; a second run of the same command with a larger budget buys only new rows."""
+    labels the rest; the bought rows are reweighted against a gold file; a second run of the same command with a
+    larger budget buys only new rows."""
     path, df = movie
     truth = dict(zip(df["text"], df["label"]))
     monkeypatch.setenv("LABELWRIGHT_CACHE", str(tmp_path / "cache"))  # not the user's cache: every answer is bought
@@ -521,6 +522,11 @@ def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larg
                 "--acquisition", "hybrid", "--report", str(tmp_path / "r.json")]
         assert main(args) == 2  # no budget: active mode has nothing to spend
         assert "--max-llm-calls" in capsys.readouterr().err
+        assert main(args + ["--max-llm-calls", "24", "--reweight"]) == 2  # reweighting needs gold rows
+        assert "--gold-file" in capsys.readouterr().err
+        gold_file = tmp_path / "gold.csv"
+        df.tail(20)[["text", "label"]].to_csv(gold_file, index=False)
+        args += ["--gold-file", str(gold_file), "--reweight"]
         assert main(args + ["--max-llm-calls", "24"]) == 0
         res = pd.read_parquet(out)
         assert len(res) == len(df) and res["row"].tolist() == list(range(len(df)))
@@ -531,8 +537,10 @@ def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larg
         assert sorted(bought["round"].unique().tolist()) == [1, 2, 3, 4]
         assert res.loc[res["decided_by"] == "model", "round"].isna().all()
         assert res["model_label"].isin(["positive", "negative"]).all()
+        assert bought["weight"].notna().all() and (bought["weight"] >= 0).all()
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["mode"] == "active" and report["active"]["spent"] == 24 and report["llm_share"] == 24 / len(df)
+        assert report["active"]["reweight"]["reference_rows"] == 20 and report["active"]["reweight"]["rows"] == 24
         assert report["gold"]["accuracy"] > 0.5
 
         first = set(bought["row"])

@@ -85,13 +85,14 @@ def test_settings_added_at_their_default_leave_a_runs_fingerprint_as_it_was(tmp_
     assert fingerprint(controller={"gold_demonstrations": False}) != base
     assert fingerprint(voting={"combine": "never"}) != base
     assert "mode" not in base["task"] and "active" not in base["task"]  # the pipeline's runs resume as before
-    active = fingerprint(mode="active")
+    active = fingerprint(mode="active", budget={"max_llm_calls": 9})
     assert active != base and active["task"]["active"]["acquisition"] == "hybrid"
-    assert fingerprint(mode="active", active={"acquisition": "random"}) != active
+    assert fingerprint(mode="active", budget={"max_llm_calls": 9}, active={"acquisition": "random"}) != active
 
 
 def test_active_settings_are_checked():
-    spec = load_task(None, {"labels": "a,b", "mode": "active", "active": {"acquisition": "kcenter", "rounds": 3}})
+    spec = load_task(None, {"labels": "a,b", "mode": "active", "active": {"acquisition": "kcenter", "rounds": 3},
+                            "budget": {"max_llm_calls": 10}})
     assert spec.mode == "active" and spec.active.acquisition == "kcenter" and spec.active.rounds == 3
     with pytest.raises(ConfigError, match=r"active.acquisition"):
         load_task(None, {"labels": "a,b", "active": {"acquisition": "best"}})
@@ -99,3 +100,8 @@ def test_active_settings_are_checked():
         load_task(None, {"labels": "a,b", "mode": "passive"})
     with pytest.raises(ConfigError, match=r"active.rounds"):
         load_task(None, {"labels": "a,b", "active": {"rounds": 0}})
+    # Before any run directory is made: a corrected command is not refused as another task.
+    with pytest.raises(ConfigError, match=r"--max-llm-calls"):
+        load_task(None, {"labels": "a,b", "mode": "active"})
+    with pytest.raises(ConfigError, match=r"--gold-file"):
+        load_task(None, {"labels": "a,b", "mode": "active", "budget": {"max_llm_calls": 5}, "active": {"reweight": True}})
