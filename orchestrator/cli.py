@@ -122,6 +122,28 @@ def _llm_parser(sub) -> None:
                    help="a candidate-set request gets the labels within this natural-log margin of the best (1.5)")
 
 
+def _select_annotator_parser(sub) -> None:
+    p = sub.add_parser(
+        "select-annotator",
+        help="choose the controller: each annotator of a list labels a gold sample K times; the best by agreement "
+             "is written into a task file",
+        description="Each annotator (endpoint + model + prompt variant, from --annotators) labels the gold rows "
+                    "--repeats times; accuracy, macro-F1, Cohen's kappa against gold, Fleiss' kappa and "
+                    "Krippendorff's alpha across repeats, cost and seconds per row are printed, one annotator is "
+                    "chosen by a stated rule and written into --output as the task's controller section.",
+    )
+    p.add_argument("--gold", required=True, help="labelled rows (CSV/JSONL/Parquet with text and label columns)")
+    p.add_argument("--annotators", required=True,
+                   help="YAML/JSON: annotators: [{name, base_url, model, api_key_env?, shots?, mode?, temperature?, "
+                        "price_prompt_per_1k?, price_completion_per_1k?}, ...]")
+    p.add_argument("--output", "-o", required=True, help="task file to write (.yaml)")
+    p.add_argument("--labels", help="comma-separated label set")
+    p.add_argument("--task", help="task spec file (YAML or JSON): its settings are kept, its controller replaced")
+    p.add_argument("--instruction", help="what the labels mean, in a sentence")
+    p.add_argument("--repeats", type=int, default=3, help="times each annotator labels every gold row (3)")
+    p.add_argument("--limit", type=int, help="use only the first N gold rows")
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -224,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     _zoo_parser(sub)
     _llm_parser(sub)
     _serve_parser(sub)
+    _select_annotator_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "annotate":
@@ -243,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             _zoo_command(args)
         elif args.command == "llm":
             _llm_command(args)
+        elif args.command == "select-annotator":
+            from labelwright.orchestrator.annotators import select_annotator
+            from labelwright.orchestrator.job import _log
+            from labelwright.orchestrator.spec import load_task
+
+            spec = load_task(args.task, _overrides(args))
+            select_annotator(args.gold, args.annotators, spec=spec, repeats=args.repeats, output=args.output,
+                             task_path=args.task, limit=args.limit, log=_log)
         elif args.command == "serve":
             _serve_command(args)
     except LabelwrightError as exc:
