@@ -166,13 +166,26 @@ def noise_check(dataset, X, gold, labels, ref, bought: int, label_emb, draws: in
             **{k: round(float(np.mean(v)), 4) for k, v in scores.items()}}
 
 
+COLUMNS = ["random", "entropy", "kmeans", "hybrid", "hybrid + reweight", "random + reweight",
+           "hybrid + reweight (first round)", "passive pipeline"]
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| dataset | budget | configuration | accuracy | macro-F1 | LLM calls | task model on the rest |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["dataset"], r["budget_share"], r["config"])):
-        lines.append(f"| {r['dataset']} | {r['budget_share']:.0%} | {r['config']} | {r['accuracy']:.3f} | "
-                     f"{r['macro_f1']:.3f} | {r['llm_calls']} | "
-                     + (f"{r['model_accuracy']:.3f}" if r.get("model_accuracy") is not None else "–") + " |")
+    """Accuracy on all rows per dataset and budget, a column per configuration (README layout); the controller on
+    every row as the last column."""
+    cells: dict[tuple, dict[str, float]] = {}
+    ceiling: dict[str, float] = {}
+    for r in results:
+        if r["config"] == "controller on every row":
+            ceiling[r["dataset"]] = r["accuracy"]
+        else:
+            cells.setdefault((r["dataset"], round(r["budget_share"], 4)), {})[r["config"]] = r["accuracy"]
+    cols = [c for c in COLUMNS if any(c in v for v in cells.values())]
+    lines = ["| dataset | budget | " + " | ".join(cols) + " | controller on every row |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for (dataset, share), row in sorted(cells.items()):
+        lines.append(f"| {dataset} | {share:.0%} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in cols)
+                     + f" | {ceiling[dataset]:.3f} |" if dataset in ceiling else " | – |")
     return "\n".join(lines)
 
 

@@ -121,14 +121,16 @@ def batch_size_for(settings: ActiveSettings, budget_left: int) -> int:
 def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int, settings: ActiveSettings,
                state: ActiveState, save: Callable[[ActiveState], None] = lambda s: None,
                reference: tuple[np.ndarray, np.ndarray] | Callable[[], tuple | None] | None = None,
-               gold: Sequence[str | None] | None = None,
+               gold: Sequence[str | None] | None = None, check: tuple[np.ndarray, np.ndarray] | None = None,
                log: Callable[[str], None] = print) -> tuple[np.ndarray, dict[int, float]]:
     """Run (or go on with) the rounds over the pool ``X`` (n, d); returns the last task model's probabilities
     (n, labels) and the weight each bought row had in its fit (position -> weight; 1 without reweighting).
     ``state`` is empty or what a killed run saved; ``save`` is called after every round. ``reference``
     (embeddings, label indices): what reweighting (``settings.reweight``) measures the rows against, a pair or a
     function giving it at each fit (None: no weights yet). ``gold`` (optional, per row) only feeds the rounds'
-    log lines and records. Never asks about a row twice; ``ask`` decides how close to ``max_calls`` it goes."""
+    log lines and records; ``check`` (embeddings, label indices: gold rows outside the pool) is scored by every
+    round's model (``check_accuracy``: the learning curve). Never asks about a row twice; ``ask`` decides how
+    close to ``max_calls`` it goes."""
     labels = list(labels)
     index = {lab: i for i, lab in enumerate(labels)}
     n, K = len(X), len(labels)
@@ -146,13 +148,18 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
         W, b, w = fit_task_model(X[pos], y, K, l2=settings.l2, reference=ref, reweight=settings.reweight)
         return (W, b), predict_linear_head(X, W, b), dict(zip(pos.tolist(), w.tolist()))
 
+    def checked(head) -> float | None:
+        if check is None or head is None or not len(check[1]):
+            return None
+        return float(np.mean(predict_linear_head(check[0], *head).argmax(1) == check[1]))
+
     rnd = max(state.round, default=0)
     while not state.done:
         left = max_calls - state.spent
         asked = np.zeros(n, bool)
         asked[state.pos] = True
         pool = np.flatnonzero(~asked)
-        _, probs, _ = model()
+        head, probs, _ = model()
         pred = probs.argmax(1)
         kappa = None
         if state.last_pred is not None:
@@ -165,7 +172,8 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
                and kappa >= settings.stop_kappa else None)
         if why:
             state.done = True
-            state.rounds.append({"round": rnd, "stopped": why, "kappa": kappa})
+            state.rounds.append({"round": rnd, "stopped": why, "kappa": kappa, "spent": state.spent,
+                                 "check_accuracy": checked(head)})
             save(state)
             log(f"active: stop after round {rnd} ({why}); {state.spent}/{max_calls} LLM calls spent")
             break
@@ -182,7 +190,8 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
         answers = ask(pick, probs[pick])
         state.add(pick[:len(answers)], answers, rnd)
         record = {"round": rnd, "strategy": strategy, "asked": int(len(answers)),
-                  "labelled": int(sum(a[0] is not None for a in answers)), "calls": int(sum(a[1] for a in answers)), "spent": state.spent, "kappa": kappa}
+                  "labelled": int(sum(a[0] is not None for a in answers)), "check_accuracy": checked(head),
+                  "calls": int(sum(a[1] for a in answers)), "spent": state.spent, "kappa": kappa}
         if gold_idx is not None:
             unl = (~asked) & (gold_idx >= 0)
             record["model_accuracy_before"] = float(np.mean(pred[unl] == gold_idx[unl])) if unl.any() else None
@@ -365,6 +374,7 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
         g_texts, g_labels = gold_file_rows["text"].astype(str).tolist(), gold_file_rows["label"].astype(str).tolist()
         g_emb = encoder.encode(g_texts)
         bank = (g_texts, g_labels, g_emb) if spec.controller.gold_demonstrations else None
+        # The gold file's rows: reweighting's reference (with --reweight) and every round's check (the learning curve)
         reference = (g_emb, np.array([labels.index(lab) for lab in g_labels]))
     label_emb = encoder.encode([verbalise(lab, spec.descriptions.get(lab)) for lab in labels])
     state_path = Path(run_dir) / "active" / "state.json"
@@ -383,7 +393,8 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
     gold = by_row.loc[rows, "gold"].tolist() if "gold" in by_row.columns else None
 
     probs, weights = run_active(X, labels, ask=ask, max_calls=budget, settings=settings, state=state,
-                                save=lambda s: s.save(state_path), reference=reference, gold=gold, log=log)
+                                save=lambda s: s.save(state_path), reference=reference if cfg.reweight else None,
+                                gold=gold, check=reference, log=log)
     timings["label"] = time.monotonic() - t
 
     # The output: every input row once.
@@ -444,6 +455,10 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
                                         "zero_weight": int(sum(1 for v in w if v == 0)),
                                         "min": min(w), "max": max(w)} if w else None)},
                "output": str(output), "run_dir": str(run_dir)})
+    from labelwright.orchestrator.report import plot_rounds
+
+    base = Path(report_path) if report_path else output
+    report["active"]["plot"] = str(plot_rounds(state.rounds, base.with_name(base.stem + ".rounds.png")))
     if "gold" in out.columns and out["gold"].notna().any():
         g = out[out["gold"].notna() & (out["decided_by"] == "model")]
         report["active"]["model_accuracy_on_its_rows"] = accuracy(g["label"], g["gold"]) if len(g) else None

@@ -287,6 +287,35 @@ def plot_stages(stages: dict, path: str | Path) -> Path:
     return path
 
 
+def plot_rounds(rounds: list[dict], path: str | Path) -> Path:
+    """PNG of active mode's learning curve: the task model's accuracy against the LLM calls bought before it was
+    fitted, on the gold file's rows (``check_accuracy``) and, with a gold column, on the rows not bought."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fitted = [r for r in rounds if "final_top_up" not in r]
+    x = [r["spent"] - r.get("calls", 0) for r in fitted]
+    for key, name in (("check_accuracy", "gold file rows"), ("model_accuracy_before", "rows not bought (gold column)")):
+        pts = [(a, r[key]) for a, r in zip(x, fitted) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=name)
+    ax.set(title="active mode: the task model's accuracy", xlabel="LLM calls bought", ylabel="accuracy", ylim=(0, 1))
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no gold rows to measure on", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def routing_text(fit: dict) -> str:
     """A fitted routing in words: what it settles, what that rests on, or why it settles nothing."""
     rows, level = fit["rows"], f"{fit['confidence_level']:.0%}"

@@ -541,6 +541,8 @@ def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larg
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["mode"] == "active" and report["active"]["spent"] == 24 and report["llm_share"] == 24 / len(df)
         assert report["active"]["reweight"]["reference_rows"] == 20 and report["active"]["reweight"]["rows"] == 24
+        assert Path(report["active"]["plot"]).is_file()  # the learning curve, measured on the gold file's rows
+        assert any(r.get("check_accuracy") is not None for r in report["active"]["rounds"])
         assert report["gold"]["accuracy"] > 0.5
 
         first = set(bought["row"])

@@ -111,3 +111,18 @@ def test_the_shortlist_takes_the_models_top_half_then_the_nearest_labels():
     assert shortlist(probs, None, labels, 3) == [["a", "b", "c"]]
     assert shortlist(None, similarity, labels, 2) == [["b", "d"]]
     assert sorted(shortlist(probs, similarity, labels, 6)[0]) == labels  # every label once
+
+
+def test_every_round_scores_the_check_rows_and_the_curve_is_drawn(tmp_path):
+    from labelwright.orchestrator.report import plot_rounds
+
+    X, y = _pool()
+    state = ActiveState()
+    run_active(X[:250], LABELS, ask=Oracle(y), max_calls=40, settings=ActiveSettings(rounds=4), state=state,
+               check=(X[250:], y[250:]), gold=[LABELS[v] for v in y[:250]], log=lambda m: None)
+    fitted = [r for r in state.rounds if "asked" in r and not r.get("final_top_up")]
+    assert fitted[0]["check_accuracy"] is None  # nothing bought before the first round: no model yet
+    assert all(r["check_accuracy"] is not None for r in fitted[1:])
+    assert state.rounds[-1]["stopped"] == "budget spent" and state.rounds[-1]["check_accuracy"] > 0.9
+    png = plot_rounds(state.rounds, tmp_path / "rounds.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
