@@ -100,6 +100,21 @@ def agreement(repeats: Sequence[Sequence[str | None]], gold: Sequence[str], labe
     return out
 
 
+def versus(a: dict, b: dict, gold: Sequence[str]) -> dict:
+    """How sure it is that ``a`` beats ``b`` on these rows: McNemar's exact test (statsmodels) on the rows where
+    exactly one of the two is right (their first repeat), and each one's Wilson 95% interval of accuracy."""
+    from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.proportion import proportion_confint
+
+    right_a = np.array([x == g for x, g in zip(a["labels"][0], gold)])
+    right_b = np.array([x == g for x, g in zip(b["labels"][0], gold)])
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    p = float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue) if only_a + only_b else 1.0
+    interval = lambda r: [round(float(x), 3) for x in proportion_confint(int(r.sum()), len(r), method="wilson")]  # noqa: E731
+    return {"runner_up": b["name"], "rows_only_chosen_right": only_a, "rows_only_runner_up_right": only_b,
+            "p_value": p, "chosen_interval": interval(right_a), "runner_up_interval": interval(right_b)}
+
+
 def choose(results: list[dict]) -> dict:
     """The annotator the rule (``RULE``) picks from ``results`` (each with ``name`` and the agreement figures)."""
     best_f1 = max(r["macro_f1"] for r in results)
@@ -188,6 +203,16 @@ def select_annotator(gold_path: str | Path, annotators_path: str | Path, *, spec
             f"${r['cost_per_row_usd']:.5f}/row  {r['seconds_per_row']:.2f} s/row"
             + ("   <- chosen" if r is chosen else ""))
     log(f"select-annotator: chose {chosen['name']} by the rule: {RULE}")
+    duel = None
+    others = [r for r in results if r is not chosen]
+    if others:
+        runner_up = max(others, key=lambda r: r["macro_f1"])
+        duel = versus(chosen, runner_up, gold["label"].tolist())
+        if duel["p_value"] >= 0.05:
+            log(f"select-annotator: {len(gold)} gold rows cannot tell {chosen['name']} from {runner_up['name']} "
+                f"(only one right on {duel['rows_only_chosen_right']} + {duel['rows_only_runner_up_right']} rows, "
+                f"McNemar p = {duel['p_value']:.2f}; 95% intervals {duel['chosen_interval']} and "
+                f"{duel['runner_up_interval']}): label more gold rows before trusting the choice")
     task = dict(read_config_file(task_path, what="task file", flag="--task")) if task_path else {
         "labels": [{"name": lab.name, **({"description": lab.description} if lab.description else {})}
                    for lab in spec.labels], "instruction": spec.instruction}
@@ -197,7 +222,7 @@ def select_annotator(gold_path: str | Path, annotators_path: str | Path, *, spec
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
     record = {"gold_file": str(gold_path), "gold_rows": int(len(gold)), "repeats": repeats, "rule": RULE,
-              "chosen": chosen["name"], "task": str(output),
+              "chosen": chosen["name"], "versus_runner_up": duel, "task": str(output),
               "annotators": [{k: v for k, v in r.items() if k != "labels"} for r in results]}
     (output.with_name(output.stem + ".annotators.json")).write_text(json.dumps(record, indent=2))
     log(f"select-annotator: wrote {output} (controller: {chosen['name']}) and "

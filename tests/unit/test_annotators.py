@@ -83,6 +83,9 @@ def test_select_annotator_picks_the_one_that_agrees_with_gold_and_writes_the_tas
     by = {a["name"]: a for a in record["annotators"]}
     assert by["oracle"]["accuracy"] == 1.0 and by["always-positive"]["accuracy"] == 0.5
     assert by["always-positive"]["cohen_kappa"] == pytest.approx(0.0)
+    duel = record["versus_runner_up"]  # only the oracle right on the 6 negative rows: McNemar p = 2 * 0.5^6
+    assert duel["runner_up"] == "always-positive" and duel["rows_only_chosen_right"] == 6
+    assert duel["rows_only_runner_up_right"] == 0 and duel["p_value"] == pytest.approx(2 * 0.5**6)
     written = yaml.safe_load((tmp_path / "chosen.yaml").read_text())
     assert written["controller"]["base_url"] == good.base_url and written["controller"]["concurrency"] == 2
     assert written["controller"]["num_demonstrations"] == 2 and written["controller"]["temperature"] == 0.7
