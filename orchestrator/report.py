@@ -248,6 +248,17 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_stages(stages: dict, path: str | Path) -> Path:
     """PNG of the per-stage figures: LLM (hard-row) share and accuracy, stage by stage.
 
@@ -279,12 +290,7 @@ def plot_stages(stages: dict, path: str | Path) -> Path:
     for ax in (ax1, ax2):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_rounds(rounds: list[dict], path: str | Path) -> Path:
@@ -308,12 +314,7 @@ def plot_rounds(rounds: list[dict], path: str | Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no gold rows to measure on", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def routing_text(fit: dict) -> str:
