@@ -138,7 +138,11 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
     if state.batch is None:
         state.batch = batch_size_for(settings, max_calls - state.spent)
 
+    fitted: dict[int, tuple] = {}  # rows bought -> the fit on them: the stop's fit serves the top-up unchanged
+
     def model():
+        if len(state.pos) in fitted:
+            return fitted[len(state.pos)]
         bought = [(p, lab) for p, lab in zip(state.pos, state.label) if lab is not None]
         if not bought:
             return None, np.full((n, K), 1.0 / K), None
@@ -146,7 +150,9 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
         y = np.array([index[lab] for _, lab in bought])
         ref = reference() if callable(reference) else reference
         W, b, w = fit_task_model(X[pos], y, K, l2=settings.l2, reference=ref, reweight=settings.reweight)
-        return (W, b), predict_linear_head(X, W, b), dict(zip(pos.tolist(), w.tolist()))
+        fitted.clear()
+        fitted[len(state.pos)] = ((W, b), predict_linear_head(X, W, b), dict(zip(pos.tolist(), w.tolist())))
+        return fitted[len(state.pos)]
 
     def checked(head) -> float | None:
         if check is None or head is None or not len(check[1]):
@@ -266,8 +272,8 @@ def controller_ask(controller, texts: Sequence[str], X: np.ndarray, state: Activ
         bought = [(p, lab) for p, lab in zip(state.pos, state.label) if lab is not None]
         demo_texts = [texts[p] for p, _ in bought] + (list(bank[0]) if bank else [])
         demo_labels = [lab for _, lab in bought] + (list(bank[1]) if bank else [])
-        demo_emb = (np.concatenate([X[[p for p, _ in bought]], bank[2]]) if bank and bought
-                    else bank[2] if bank else X[[p for p, _ in bought]] if bought else np.zeros((0, X.shape[1])))
+        demo_emb = np.concatenate([X[np.array([p for p, _ in bought], dtype=np.int64)],
+                                   bank[2] if bank else np.zeros((0, X.shape[1]), X.dtype)])
         out: list[tuple[str | None, int, dict]] = []
         step = cfg.concurrency
         for start in range(0, len(pos), step):
