@@ -454,6 +454,7 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
         out, labels=labels, specialists=[], rows_in=staged.n_rows, wall_s=wall, label_s=timings["label"],
         price_prompt_per_1k=controller.config.price_prompt_per_1k,
         price_completion_per_1k=controller.config.price_completion_per_1k, timings=timings,
+        human_cost_per_row=spec.budget.human_cost_per_row,
         extra={"mode": "active", "controller": {"model": controller.config.model, "base_url": controller.config.base_url},
                "active": {"acquisition": cfg.acquisition, "budget": budget, "spent": state.spent,
                           "rows_bought": len(state.pos), "rounds": state.rounds,

@@ -207,6 +207,11 @@ def annotate(
     timings["plan"] = time.monotonic() - t
     if planned is not None:
         spec = planned.spec
+    spec, cut = spec.within_budget()
+    if cut:
+        log(cut)
+        if planned is not None:
+            planned.spec = spec
 
     t = time.monotonic()
     seed = build_seed(staged, spec=spec, controller=controller, encoder=encoder, run_dir=run_dir, log=log)
@@ -467,6 +472,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
             spec, controller_cfg, seed, reference, seed_answers=seed_answers, reference_answers=reference_answers,
             max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
             max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
+            # a retry asks its rows in order; a run spends the budget on the least confident hard rows
+            rows_expected=None if retry else -(-sum(s.n_rows for s in todo) // n_ctrl),
         )
         # Blocks of one batch each (a streaming repartition): the driver sees every batch as soon as it is
         # labelled, which is what progress, the stage trigger and the swap act on.
@@ -524,6 +531,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
         df, labels=spec.label_names, specialists=names, rows_in=staged.n_rows, wall_s=wall, label_s=label_s,
         price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
         price_completion_per_1k=controller_cfg.price_completion_per_1k, timings=timings,
+        human_cost_per_row=spec.budget.human_cost_per_row,
         extra={"controller": {"model": controller_cfg.model, "base_url": controller_cfg.base_url},
                "seed": {"rows": len(seed), "source": seed.source, "from_input": not spec.seed.pool_file,
                         **seed.usage()},

@@ -65,6 +65,7 @@ def build_report(
     price_completion_per_1k: float,
     timings: dict | None = None,
     extra: dict | None = None,
+    human_cost_per_row: float | None = None,
 ) -> dict:
     counts = df["decided_by"].value_counts().to_dict()
     asked = df["llm_calls"] > 0
@@ -102,6 +103,8 @@ def build_report(
         "labelling_rows_per_s": round(len(df) / label_s, 3) if label_s > 0 else None,
         "timings_s": {k: round(v, 2) for k, v in (timings or {}).items()},
     }
+    if human_cost_per_row is not None:
+        report["people"] = people_block(rows_in, human_cost_per_row, report["llm"]["cost_usd"])
     if "gold" in df.columns:
         g = df[df["gold"].notna()]
         if len(g):
@@ -124,6 +127,15 @@ def build_report(
     if extra:
         report.update(extra)
     return report
+
+
+def people_block(rows: int, cost_per_row: float, llm_cost_usd: float) -> dict:
+    """What people would be paid to label the ``rows`` (``budget.human_cost_per_row`` each) against what the
+    LLM cost this run: ``times_cheaper`` is None where the LLM had no price (the embedded one)."""
+    people = rows * cost_per_row
+    return {"cost_per_row_usd": cost_per_row, "rows": int(rows), "cost_usd": round(people, 6),
+            "llm_cost_usd": llm_cost_usd,
+            "times_cheaper": round(people / llm_cost_usd, 1) if llm_cost_usd > 0 else None}
 
 
 def publish_report(report: dict, *, report_path, output, log) -> dict:
@@ -166,6 +178,14 @@ def combine_text(fit: dict) -> str:
             f"{fit['controller_accuracy']:.1%}): {verdict}")
 
 
+def people_text(people: dict) -> str:
+    text = (f"people labelling all {people['rows']} rows at ${people['cost_per_row_usd']:g} a row "
+            f"(budget.human_cost_per_row): ${people['cost_usd']:.2f}")
+    if people["times_cheaper"] is not None:
+        return text + f"; the LLM cost ${people['llm_cost_usd']:.4f}, {people['times_cheaper']:g}x less"
+    return text + "; the LLM here has no price (controller.price_*_per_1k)"
+
+
 def summary(report: dict) -> str:
     lines = [
         f"rows: {report['rows_in']} in, {report['rows_out']} out",
@@ -175,6 +195,7 @@ def summary(report: dict) -> str:
         f"tokens, {report['llm']['cache_hits']} cache hits, ${report['llm']['cost_usd']:.4f})",
         f"all rows by the LLM (estimate): {report['all_rows_by_llm_estimate']['tokens']} tokens, "
         f"${report['all_rows_by_llm_estimate']['cost_usd']:.4f}",
+        *([people_text(report["people"])] if report.get("people") else []),
         f"time: {report['wall_s']:.1f} s wall, {report['rows_per_s'] or 0:.2f} rows/s overall, "
         f"{report['labelling_rows_per_s'] or 0:.2f} rows/s while labelling",
     ]

@@ -79,9 +79,21 @@ class VotingConfig(_Strict):
         return self.model_copy(update={"rule": "stacked" if measured and self.route == "measured" else fallback})
 
 
+# With budget.max_llm_calls in pipeline mode, the seed and the reference rows (asked up front) may take at most this
+# share of it; the rest is for the hard rows (TaskSpec.within_budget).
+UPFRONT_BUDGET_SHARE = 0.5
+
+
+# What people would be paid to label a row, for the report's comparison: three Mechanical Turk workers a row (a
+# majority of three) at $0.012 each, the lowest price per worker SageMaker Ground Truth accepts for a text
+# classification task (AWS API reference, PublicWorkforceTaskPrice); Ground Truth's own fee per object is extra.
+HUMAN_COST_PER_ROW = 3 * 0.012
+
+
 class BudgetConfig(_Strict):
     max_llm_calls: int | None = Field(default=None, ge=0)  # rows past it are unresolved, never guessed
     max_llm_tokens: int | None = Field(default=None, ge=0)
+    human_cost_per_row: float = Field(default=HUMAN_COST_PER_ROW, ge=0)  # USD; the report's cost against people
 
 
 class SeedConfig(_Strict):
@@ -267,6 +279,27 @@ class TaskSpec(_Strict):
             if unknown:
                 raise ValueError(f"voting.weights names unknown specialists {unknown}; known: {spec_names}")
         return self
+
+    def within_budget(self) -> tuple["TaskSpec", str | None]:
+        """This task with the rows the controller is asked about up front (the seed, unless it comes from
+        ``seed.gold_file``, and the reference rows) cut to at most :data:`UPFRONT_BUDGET_SHARE` of
+        ``budget.max_llm_calls``, in proportion, so the hard rows keep the rest; and a line saying what was cut
+        (None where nothing was). Counted at one call a row: retries are paid from the rest."""
+        limit = self.budget.max_llm_calls
+        seed = 0 if self.seed.gold_file else self.seed.resolved_size(len(self.labels))
+        ref = self.voting.reference_rows if self.voting.route == "measured" else 0
+        if limit is None or seed + ref <= UPFRONT_BUDGET_SHARE * limit:
+            return self, None
+        share = UPFRONT_BUDGET_SHARE * limit / (seed + ref)
+        new_seed, new_ref = (max(1, int(seed * share)) if seed else 0), int(ref * share)
+        update = {"voting": self.voting.model_copy(update={"reference_rows": new_ref})}
+        if seed:
+            update["seed"] = self.seed.model_copy(update={"size": new_seed})
+        cut = ([f"the seed from {seed} to {new_seed} rows"] if seed else []) + (
+            [f"the reference rows from {ref} to {new_ref}"] if ref else [])
+        note = (f"budget: the rows asked up front may spend {UPFRONT_BUDGET_SHARE:.0%} of budget.max_llm_calls={limit}: "
+                + " and ".join(cut) + " (the rest is for the hard rows)")
+        return self.model_copy(update=update), note
 
     @property
     def label_names(self) -> list[str]:

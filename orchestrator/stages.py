@@ -159,6 +159,8 @@ class ControllerSettings:
     seed_answers: dict = field(default_factory=dict)  # row id -> answer dict for rows labelled while seeding
     reference_answers: dict = field(default_factory=dict)  # row id -> answer dict for the reference rows
     max_calls: int | None = None  # remaining budget for this actor
+    # rows this actor is expected to see (with max_calls: the budget goes to the least confident hard rows)
+    rows_expected: int | None = None
     max_tokens: int | None = None
     endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
@@ -189,12 +191,14 @@ class ControllerStage:
         self.calls = 0
         self.tokens = 0
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
+        self.rows_seen = self.asked = 0
+        self.doubts: list[float] = []  # 1 - vote confidence of every hard row seen (the budget's selection)
 
     def _budget_left(self) -> str | None:
         if self.s.max_calls is not None and self.calls >= self.s.max_calls:
-            return f"LLM budget exhausted (budget.max_llm_calls={self.s.max_calls})"
+            return "LLM budget exhausted (budget.max_llm_calls)"
         if self.s.max_tokens is not None and self.tokens >= self.s.max_tokens:
-            return f"LLM budget exhausted (budget.max_llm_tokens={self.s.max_tokens})"
+            return "LLM budget exhausted (budget.max_llm_tokens)"
         return None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -225,6 +229,8 @@ class ControllerStage:
                 res["confidence"][i] = batch.at[i, "vote_confidence"]
             else:
                 ask.append(i)
+        self.rows_seen += n
+        ask = self._worth_asking(batch, ask, res)
         if ask:
             self._ask(batch, ask, res)
         for i, a in earlier.items():  # the row carries what was spent on it up front too
@@ -234,6 +240,32 @@ class ControllerStage:
         for c, values in res.items():
             batch[c] = values
         return batch.drop(columns=[c for c in INTERNAL_COLUMNS if c in batch.columns])
+
+    def _worth_asking(self, batch: pd.DataFrame, rows: list[int], res: dict) -> list[int]:
+        """The hard ``rows`` the budget is spent on: all of them while it lasts for every hard row expected;
+        else those whose vote is least confident (stream-based selective sampling: a row is asked when its
+        doubt, 1 - vote confidence, is above the quantile of the hard rows seen so far that the budget left
+        covers, at the hard-row rate so far). The others are unresolved and retryable."""
+        if self.s.max_calls is None or not self.s.rows_expected or not rows:
+            return rows
+        conf = batch["vote_confidence"] if "vote_confidence" in batch.columns else pd.Series(np.nan, batch.index)
+        doubt = [1.0 - float(c) if pd.notna(c) else 1.0 for c in conf.iloc[rows]]
+        self.doubts += doubt
+        left = self.s.max_calls - self.calls
+        future = max(0, self.s.rows_expected - self.rows_seen) * len(self.doubts) / max(1, self.rows_seen)
+        share = left / ((len(rows) + future) * (self.calls / self.asked if self.asked else 1.0))
+        if share >= 1 or left <= 0:  # enough for all; or none left, which _ask says
+            return rows
+        cut = float(np.quantile(self.doubts, 1.0 - share))
+        keep = [i for i, d in zip(rows, doubt) if d >= cut]
+        for i, d in zip(rows, doubt):
+            if d < cut:
+                res["decided_by"][i] = "unresolved"
+                res["reason"][i] = (f"LLM budget kept for less confident rows (budget.max_llm_calls: it covers the "
+                                    f"{share:.0%} least confident hard rows, vote confidence under {1 - cut:.2f}; "
+                                    f"this row's is {1 - d:.2f})")
+                res["retryable"][i] = True
+        return keep
 
     def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
         # Work in slices so the budget is checked between them (bounded overshoot: one slice).
@@ -253,6 +285,7 @@ class ControllerStage:
             many = len(self.s.labels) > self.config.max_choices
             choices = [list(batch.at[i, "shortlist"]) for i in part] if many else None
             answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
+            self.asked += len(part)
             self._check_endpoint_alive(answers)
             for i, a in zip(part, answers):
                 a = a.model_dump()

@@ -510,3 +510,44 @@ def test_demonstrations_use_the_embeddings_the_vote_stage_brought(tmp_path, monk
     stage._encoder = encoder
     assert stage.demonstrations(asked, [brought[0], float("nan")]) == expected and encoded == [asked[1:]]
     stage.controller.close()
+
+
+def test_a_budget_too_small_for_every_hard_row_goes_to_the_least_confident(tmp_path):
+    """With budget.max_llm_calls short of the hard rows expected, the controller stage asks the hard rows whose
+    vote is least confident (stream-based selective sampling) and leaves the others unresolved and retryable;
+    with budget enough for all of them it asks every one, in the order they come."""
+    import pandas as pd
+
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+
+    def batch(confidences):
+        n = len(confidences)
+        return pd.DataFrame({"id": [f"r{i}-{c}" for i, c in enumerate(confidences)],
+                             "text": [f"text {i} {c}" for i, c in enumerate(confidences)],
+                             "skip_reason": [None] * n, "hard": [True] * n, "specialists_label": ["positive"] * n,
+                             "vote_confidence": confidences, "shortlist": [LABELS] * n})
+
+    def stage(fake, max_calls, rows_expected):
+        return ControllerStage(ControllerSettings(
+            controller={"base_url": fake.base_url, "model": "fake-model", "cache": False, "backoff_s": 0.001,
+                        "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
+            labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
+            max_calls=max_calls, rows_expected=rows_expected))
+
+    first, second = [0.9, 0.4, 0.8, 0.35, 0.7], [0.3, 0.95, 0.45, 0.85, 0.6]
+    with FakeOpenAI(constant("negative")) as fake:
+        s = stage(fake, max_calls=4, rows_expected=10)
+        out = pd.concat([s(batch(first)), s(batch(second))], ignore_index=True)
+        s.controller.close()
+        assert fake.chat_calls == 4
+    asked = out["decided_by"] == "controller"
+    confidence = {f"r{i}-{c}": c for part in (first, second) for i, c in enumerate(part)}
+    assert sorted(out.loc[asked, "id"].map(confidence)) == [0.3, 0.35, 0.4, 0.45]  # the four least confident
+    kept = out[~asked]
+    assert (kept["decided_by"] == "unresolved").all() and kept["retryable"].all()
+    assert kept["reason"].str.contains("LLM budget kept for less confident rows (budget.max_llm_calls", regex=False).all()
+    with FakeOpenAI(constant("negative")) as fake:
+        s = stage(fake, max_calls=10, rows_expected=10)
+        out = pd.concat([s(batch(first)), s(batch(second))], ignore_index=True)
+        s.controller.close()
+    assert (out["decided_by"] == "controller").all()

@@ -44,6 +44,21 @@ def test_report_counts_cost_and_gold():
     assert "accuracy 0.500" in summary(r)
 
 
+def test_the_report_puts_the_cost_against_people():
+    """budget.human_cost_per_row times the rows, against what the LLM cost; an LLM without a price says so."""
+    r = build_report(frame(), labels=["a", "b"], specialists=["s1"], rows_in=4, wall_s=2.0, label_s=1.0,
+                     price_prompt_per_1k=1.0, price_completion_per_1k=2.0, human_cost_per_row=0.5)
+    llm = (220 * 1.0 + 12 * 2.0) / 1000
+    assert r["people"]["cost_usd"] == 2.0 and r["people"]["llm_cost_usd"] == pytest.approx(llm)
+    assert r["people"]["times_cheaper"] == pytest.approx(2.0 / llm, abs=0.05)
+    assert "people labelling all 4 rows at $0.5 a row" in summary(r)
+    free = build_report(frame(), labels=["a", "b"], specialists=["s1"], rows_in=4, wall_s=2.0, label_s=1.0,
+                        price_prompt_per_1k=0.0, price_completion_per_1k=0.0, human_cost_per_row=0.5)
+    assert free["people"]["times_cheaper"] is None and "has no price" in summary(free)
+    assert "people" not in build_report(frame(), labels=["a", "b"], specialists=["s1"], rows_in=4, wall_s=2.0,
+                                        label_s=1.0, price_prompt_per_1k=1.0, price_completion_per_1k=2.0)
+
+
 def test_rows_answered_from_the_cache_count_as_sent_to_the_llm():
     """The LLM share (report and progress line) counts every row the controller was asked about: a
     cached answer costs no call (llm_calls 0) but the row still needed the controller."""

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from labelwright.specialists.errors import ConfigError
-from labelwright.orchestrator.spec import load_task
+from labelwright.orchestrator.spec import TaskSpec, load_task
 
 
 def test_labels_from_flag_file_and_mapping(tmp_path):
@@ -105,3 +105,18 @@ def test_active_settings_are_checked():
         load_task(None, {"labels": "a,b", "mode": "active"})
     with pytest.raises(ConfigError, match=r"--gold-file"):
         load_task(None, {"labels": "a,b", "mode": "active", "budget": {"max_llm_calls": 5}, "active": {"reweight": True}})
+
+
+def test_the_rows_asked_up_front_are_cut_to_half_the_budget():
+    """A budget too small for the seed and the reference rows: both cut in proportion to half of it; a seed
+    from a gold file costs nothing and is left alone; without a budget, or with one large enough, nothing changes."""
+    spec = TaskSpec(labels=["a", "b"], budget={"max_llm_calls": 100})  # seed 64 + reference 150 > 50
+    cut, note = spec.within_budget()
+    assert (cut.seed.size, cut.voting.reference_rows) == (14, 35)
+    assert cut.seed.size + cut.voting.reference_rows <= 50 and "max_llm_calls=100" in note
+    assert spec.seed.size is None and spec.voting.reference_rows == 150  # the original untouched
+    gold_seed = TaskSpec(labels=["a", "b"], budget={"max_llm_calls": 100}, seed={"gold_file": "seed.csv"})
+    cut, note = gold_seed.within_budget()
+    assert (cut.seed.size, cut.voting.reference_rows) == (None, 50) and "seed" not in note
+    for roomy in (TaskSpec(labels=["a", "b"]), TaskSpec(labels=["a", "b"], budget={"max_llm_calls": 428})):
+        assert roomy.within_budget() == (roomy, None)
