@@ -123,7 +123,7 @@ def build_seed(
         log(f"seed: asking the controller to label {len(picked)} rows")
         done = [0]
 
-        def tick(_):
+        def tick(_i, _answer):
             done[0] += 1
             if done[0] % 10 == 0 or done[0] == len(picked):
                 log(f"  seed labels {done[0]}/{len(picked)}")

@@ -520,12 +520,17 @@ class Controller:
         *,
         demonstrations: Sequence[Sequence[tuple[str, str]]] | None = None,
         choices: Sequence[Sequence[str] | None] | None = None,
-        on_done: Callable[[int], None] | None = None,
+        on_done: Callable[[int, ControllerAnswer], None] | None = None,
+        admit: Callable[[int], str | None] | None = None,
     ) -> list[ControllerAnswer]:
-        """Label every text on at most ``concurrency`` threads; answers in input order.
+        """Label every text; answers in input order. Never raises for a row.
 
-        ``demonstrations`` and ``choices``, when given, hold one entry per text. ``on_done(i)`` is called
-        from the caller's thread with the index of each row as it finishes. Never raises for a row.
+        At most ``concurrency`` requests are in flight (the controller's slots), but rows are worked on by up
+        to four times as many threads, so a row sleeping before a retry (a backoff, a Retry-After) holds no
+        slot and no row behind it. ``demonstrations`` and ``choices``, when given, hold one entry per text.
+        ``admit(i)``, when given, is called on the worker thread as row ``i`` starts: a reason (a budget spent,
+        say) leaves the row unresolved and retryable without a request. ``on_done(i, answer)`` is called from
+        the caller's thread as each row finishes.
         """
         n = len(texts)
         for name, per_row in (("demonstrations", demonstrations), ("choices", choices)):
@@ -533,23 +538,23 @@ class Controller:
                 raise ValueError(f"{name} has {len(per_row)} entries but texts has {n}; give one entry per text")
         if n == 0:
             return []
+
+        def one(i: int) -> ControllerAnswer:
+            stop = admit(i) if admit is not None else None
+            if stop:
+                return ControllerAnswer(label=None, confidence=None, raw=None, reason=stop, retryable=True)
+            return self.label(texts[i], demonstrations=demonstrations[i] if demonstrations is not None else (),
+                              choices=choices[i] if choices is not None else None)
+
         results: list[ControllerAnswer | None] = [None] * n
-        pool = ThreadPoolExecutor(max_workers=min(self.config.concurrency, n), thread_name_prefix="lw-controller")
+        pool = ThreadPoolExecutor(max_workers=min(4 * self.config.concurrency, n), thread_name_prefix="lw-controller")
         try:
-            futures = {
-                pool.submit(
-                    self.label,
-                    texts[i],
-                    demonstrations=demonstrations[i] if demonstrations is not None else (),
-                    choices=choices[i] if choices is not None else None,
-                ): i
-                for i in range(n)
-            }
+            futures = {pool.submit(one, i): i for i in range(n)}
             for future in as_completed(futures):
                 i = futures[future]
                 results[i] = future.result()
                 if on_done is not None:
-                    on_done(i)
+                    on_done(i, results[i])
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise

@@ -478,17 +478,18 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
         # Blocks of one batch each (a streaming repartition): the driver sees every batch as soon as it is
         # labelled, which is what progress, the stage trigger and the swap act on.
         ds = ds.repartition(target_num_rows_per_block=spec.runtime.vote_batch_size)
+        # Several batches at once in each controller actor (runtime.controller_batches), threads in one process.
+        pool = ActorPoolStrategy(size=n_ctrl, max_concurrent_calls_per_actor=spec.runtime.controller_batches,
+                                 enable_true_multi_threading=True)
         if spec.stages.enabled:
             # One operator, so rows are voted just before they are routed (see LabelStage).
             return ds.map_batches(LabelStage, fn_constructor_args=(vote, ctrl, learning.gate), batch_format="pandas",
-                                  batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
-                                  compute=ActorPoolStrategy(size=n_ctrl))
+                                  batch_size=spec.runtime.vote_batch_size, num_cpus=0.5, compute=pool)
         ds = ds.map_batches(VoteStage, fn_constructor_args=(vote, learning.gate), batch_format="pandas",
                             batch_size=spec.runtime.vote_batch_size, num_cpus=0.5,
                             compute=ActorPoolStrategy(size=spec.runtime.vote_actors))
         return ds.map_batches(ControllerStage, fn_constructor_args=(ctrl,), batch_format="pandas",
-                              batch_size=spec.runtime.vote_batch_size, num_cpus=0.25,
-                              compute=ActorPoolStrategy(size=n_ctrl))
+                              batch_size=spec.runtime.vote_batch_size, num_cpus=0.25, compute=pool)
 
     if todo:
         if done_shards:

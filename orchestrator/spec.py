@@ -116,6 +116,9 @@ class RuntimeConfig(_Strict):
     vote_actors: int = Field(default=2, ge=1)
     vote_batch_size: int = Field(default=128, ge=1)
     controller_actors: int = Field(default=1, ge=1)
+    # batches each controller actor works on at once: a batch held up by one row's retries or a hung request
+    # holds up no other (its requests still share controller.concurrency)
+    controller_batches: int = Field(default=4, ge=1)
     shard_rows: int = Field(default=1000, ge=1)  # rows per staged input shard (a resume unit)
     train_workers: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"

@@ -9,6 +9,7 @@ concurrency and a call/token budget; every other row passes through untouched.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -192,10 +193,14 @@ class ControllerStage:
         self.tokens = 0
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
         self.rows_seen = self.asked = 0
+        self.reserved = 0  # rows started and not yet answered: one call each, counted against the budget
         self.doubts: list[float] = []  # 1 - vote confidence of every hard row seen (the budget's selection)
+        # Ray Data may run several batches in this actor at once (runtime.controller_batches): one slow batch
+        # then holds up no other. The counters above are shared between them.
+        self._lock = threading.RLock()
 
     def _budget_left(self) -> str | None:
-        if self.s.max_calls is not None and self.calls >= self.s.max_calls:
+        if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
             return "LLM budget exhausted (budget.max_llm_calls)"
         if self.s.max_tokens is not None and self.tokens >= self.s.max_tokens:
             return "LLM budget exhausted (budget.max_llm_tokens)"
@@ -229,8 +234,9 @@ class ControllerStage:
                 res["confidence"][i] = batch.at[i, "vote_confidence"]
             else:
                 ask.append(i)
-        self.rows_seen += n
-        ask = self._worth_asking(batch, ask, res)
+        with self._lock:
+            self.rows_seen += n
+            ask = self._worth_asking(batch, ask, res)
         if ask:
             self._ask(batch, ask, res)
         for i, a in earlier.items():  # the row carries what was spent on it up front too
@@ -251,7 +257,7 @@ class ControllerStage:
         conf = batch["vote_confidence"] if "vote_confidence" in batch.columns else pd.Series(np.nan, batch.index)
         doubt = [1.0 - float(c) if pd.notna(c) else 1.0 for c in conf.iloc[rows]]
         self.doubts += doubt
-        left = self.s.max_calls - self.calls
+        left = self.s.max_calls - self.calls - self.reserved
         future = max(0, self.s.rows_expected - self.rows_seen) * len(self.doubts) / max(1, self.rows_seen)
         share = left / ((len(rows) + future) * (self.calls / self.asked if self.asked else 1.0))
         if share >= 1 or left <= 0:  # enough for all; or none left, which _ask says
@@ -268,44 +274,48 @@ class ControllerStage:
         return keep
 
     def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
-        # Work in slices so the budget is checked between them (bounded overshoot: one slice).
-        step = max(1, self.config.concurrency * 2)
-        for start in range(0, len(rows), step):
-            part = rows[start:start + step]
-            stop = self._budget_left()
-            if stop:
-                for i in part:
-                    res["decided_by"][i] = "unresolved"
-                    res["reason"][i] = stop
-                    res["retryable"][i] = True  # a later run with budget left may ask it
-                continue
-            texts = [batch.at[i, "text"] for i in part]
-            embedded = [batch.at[i, "embedding"] for i in part] if "embedding" in batch.columns else None
-            demos = self.demonstrations(texts, embedded)
-            many = len(self.s.labels) > self.config.max_choices
-            choices = [list(batch.at[i, "shortlist"]) for i in part] if many else None
-            answers = self.controller.label_many(texts, demonstrations=demos, choices=choices)
-            self.asked += len(part)
-            self._check_endpoint_alive(answers)
-            for i, a in zip(part, answers):
-                a = a.model_dump()
-                self._fill(res, i, a)
-                self._combine(batch, i, res)
-                self.calls += a["calls"]
-                self.tokens += a["prompt_tokens"] + a["completion_tokens"]
+        """Ask the controller about ``rows``, all of them at once on its bounded pool: a slow or failing row
+        holds one thread, not the rows behind it. The budget is checked as each row starts (it reserves a call
+        until its answer is in), so it is overshot by at most the retries in flight."""
+        texts = [batch.at[i, "text"] for i in rows]
+        embedded = [batch.at[i, "embedding"] for i in rows] if "embedding" in batch.columns else None
+        demos = self.demonstrations(texts, embedded)
+        many = len(self.s.labels) > self.config.max_choices
+        choices = [list(batch.at[i, "shortlist"]) for i in rows] if many else None
+        started: set[int] = set()
 
-    def _check_endpoint_alive(self, answers) -> None:
+        def admit(j: int) -> str | None:
+            with self._lock:
+                stop = self._budget_left()
+                if stop is None:
+                    self.reserved += 1
+                    started.add(j)
+                return stop
+
+        def done(j: int, answer) -> None:
+            with self._lock:
+                if j in started:
+                    self.reserved -= 1
+                    self.asked += 1
+                self.calls += answer.calls
+                self.tokens += answer.prompt_tokens + answer.completion_tokens
+                self._check_endpoint_alive(answer)
+
+        answers = self.controller.label_many(texts, demonstrations=demos, choices=choices, admit=admit, on_done=done)
+        for i, a in zip(rows, answers):
+            self._fill(res, i, a.model_dump())
+            self._combine(batch, i, res)
+
+    def _check_endpoint_alive(self, answer) -> None:
         """Stop the job (finished shards stay saved) rather than mark every remaining hard row
         unresolved when the endpoint has died: rows marked unresolved would not be asked again on resume."""
-        for a in answers:
-            self.down_streak = self.down_streak + 1 if a.endpoint_down else 0
+        self.down_streak = self.down_streak + 1 if answer.endpoint_down else 0
         if self.s.endpoint_down_after and self.down_streak >= self.s.endpoint_down_after:
             from labelwright.specialists.errors import ControllerError
 
-            last = next(a.reason for a in reversed(answers) if a.endpoint_down)
             raise ControllerError(
-                f"the controller endpoint failed on {self.down_streak} rows in a row ({last}); stopping. Finished "
-                "shards are saved: fix the endpoint and run the same command again to resume"
+                f"the controller endpoint failed on {self.down_streak} rows in a row ({answer.reason}); stopping. "
+                "Finished shards are saved: fix the endpoint and run the same command again to resume"
             )
 
     def demonstrations(self, texts: list[str], embedded: list | None = None) -> list[list[tuple[str, str]]] | None:
@@ -329,11 +339,12 @@ class ControllerStage:
 
     @property
     def encoder(self):
-        if self._encoder is None:
-            from labelwright.specialists.encoder import Encoder
+        with self._lock:  # built once, though batches run side by side
+            if self._encoder is None:
+                from labelwright.specialists.encoder import Encoder
 
-            self._encoder = Encoder(self.s.encoder_model)
-        return self._encoder
+                self._encoder = Encoder(self.s.encoder_model)
+            return self._encoder
 
     def _combine(self, batch: pd.DataFrame, i: int, res: dict) -> None:
         """Where the stage fitted a combination that pays (``voting.combine``), it decides the row from the

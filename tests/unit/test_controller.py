@@ -255,7 +255,7 @@ def test_label_many_respects_the_concurrency_bound(make):
     mapping = {t: LABELS[i % 3] for i, t in enumerate(texts)}
     with FakeOpenAI(slow(0.15, oracle(mapping))) as fake:
         done: list[int] = []
-        answers = make(fake.base_url, concurrency=3).label_many(texts, on_done=done.append)
+        answers = make(fake.base_url, concurrency=3).label_many(texts, on_done=lambda i, _a: done.append(i))
     assert [a.label for a in answers] == [mapping[t] for t in texts]
     assert fake.max_in_flight == 3
     assert sorted(done) == list(range(12))
@@ -551,3 +551,34 @@ def test_a_budget_too_small_for_every_hard_row_goes_to_the_least_confident(tmp_p
         out = pd.concat([s(batch(first)), s(batch(second))], ignore_index=True)
         s.controller.close()
     assert (out["decided_by"] == "controller").all()
+
+
+def test_batches_side_by_side_share_one_budget_and_never_overshoot_it(tmp_path):
+    """Ray Data runs several batches in one controller actor at once (runtime.controller_batches): the budget is
+    checked as each row starts, so four batches of 8 hard rows against 10 calls buy exactly 10 answers; the
+    other rows are unresolved, retryable, and say the budget is spent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pandas as pd
+
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+
+    def batch(k):
+        return pd.DataFrame({"id": [f"b{k}-{i}" for i in range(8)], "text": [f"text {k} {i}" for i in range(8)],
+                             "skip_reason": [None] * 8, "hard": [True] * 8, "specialists_label": ["positive"] * 8,
+                             "vote_confidence": [0.5] * 8, "shortlist": [LABELS] * 8})
+
+    with FakeOpenAI(slow(0.05, constant("negative"))) as fake:
+        stage = ControllerStage(ControllerSettings(
+            controller={"base_url": fake.base_url, "model": "fake-model", "cache": False, "concurrency": 3,
+                        "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
+            labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
+            max_calls=10))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            out = pd.concat(list(pool.map(stage, [batch(k) for k in range(4)])), ignore_index=True)
+        stage.controller.close()
+        assert fake.chat_calls == 10 and fake.max_in_flight <= 3
+    assert len(out) == 32 and out["id"].is_unique
+    assert (out["decided_by"] == "controller").sum() == 10 and stage.calls == 10 and stage.reserved == 0
+    spent = out[out["decided_by"] != "controller"]
+    assert spent["retryable"].all() and (spent["reason"] == "LLM budget exhausted (budget.max_llm_calls)").all()
