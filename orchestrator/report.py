@@ -133,7 +133,7 @@ def people_block(rows: int, cost_per_row: float, llm_cost_usd: float) -> dict:
     """What people would be paid to label the ``rows`` (``budget.human_cost_per_row`` each) against what the
     LLM cost this run: ``times_cheaper`` is None where the LLM had no price (the embedded one)."""
     people = rows * cost_per_row
-    return {"cost_per_row_usd": cost_per_row, "rows": int(rows), "cost_usd": round(people, 6),
+    return {"cost_per_row_usd": round(cost_per_row, 6), "rows": int(rows), "cost_usd": round(people, 6),
             "llm_cost_usd": llm_cost_usd,
             "times_cheaper": round(people / llm_cost_usd, 1) if llm_cost_usd > 0 else None}
 

@@ -87,7 +87,7 @@ UPFRONT_BUDGET_SHARE = 0.5
 # What people would be paid to label a row, for the report's comparison: three Mechanical Turk workers a row (a
 # majority of three) at $0.012 each, the lowest price per worker SageMaker Ground Truth accepts for a text
 # classification task (AWS API reference, PublicWorkforceTaskPrice); Ground Truth's own fee per object is extra.
-HUMAN_COST_PER_ROW = 3 * 0.012
+HUMAN_COST_PER_ROW = 0.036  # 3 x 0.012
 
 
 class BudgetConfig(_Strict):
