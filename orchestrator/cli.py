@@ -52,6 +52,9 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--seed-file", help="gold-labelled seed file (columns text,label) used instead of the controller")
     p.add_argument("--max-llm-calls", type=int, help="budget: rows past it stay unresolved")
     p.add_argument("--max-llm-tokens", type=int, help="budget: rows past it stay unresolved")
+    p.add_argument("--max-cost-usd", type=float,
+                   help="budget in USD at the controller's prices (controller.price_*_per_1k): rows past it stay "
+                        "unresolved")
     p.add_argument("--human-cost-per-row", type=float,
                    help="USD people are paid to label a row, for the report's comparison (default 0.036: three "
                         "Mechanical Turk workers at SageMaker Ground Truth's lowest text-classification price)")
@@ -233,7 +236,7 @@ def _overrides(a: argparse.Namespace) -> dict:
                    "gold_file": a.gold_file},
         "seed": {"size": a.seed_size, "gold_file": a.seed_file},
         "budget": {"max_llm_calls": a.max_llm_calls, "max_llm_tokens": a.max_llm_tokens,
-                   "human_cost_per_row": a.human_cost_per_row},
+                   "max_cost_usd": a.max_cost_usd, "human_cost_per_row": a.human_cost_per_row},
         "runtime": {"address": a.address},
         "mode": a.mode,
         "active": {"acquisition": a.acquisition, "rounds": a.rounds, "batch_per_round": a.batch_per_round,

@@ -75,27 +75,47 @@ def _source_files(source: Path) -> list[Path]:
 # ---------------------------------------------------------------- readers (yield pyarrow tables)
 
 
+# Arrow reads CSV in blocks, and a row must fit in one: a block this large first, larger ones for a file that has
+# longer rows (a 10 MB review).
+_CSV_BLOCKS = (1 << 22, 1 << 26, 1 << 30)
+
+
 def _iter_csv(path: Path) -> Iterator[pa.Table]:
+    done = 0  # rows already yielded: a retry with larger blocks goes on after them
+    for block in _CSV_BLOCKS:
+        seen = 0
+        try:
+            for table in _csv_tables(path, block):
+                if seen + table.num_rows > done:
+                    yield table.slice(max(0, done - seen))
+                    done = seen + table.num_rows
+                seen += table.num_rows
+            return
+        except pa.ArrowInvalid as exc:
+            if "straddl" in str(exc) and block != _CSV_BLOCKS[-1]:
+                continue  # a row longer than the block: again with larger blocks
+            message = " ".join(str(exc).split())  # Arrow quotes the rows it choked on, newlines and all
+            message = message if len(message) <= 200 else message[:200] + "..."
+            where = f" after its first {done} rows" if done else ""
+            raise InputDataError(
+                f"cannot read {path} as CSV{where}: {message} (a quote left open makes the rest of the file one "
+                "value: fix the quoting, or give the data as JSONL or Parquet)") from None
+
+
+def _csv_tables(path: Path, block: int) -> Iterator[pa.Table]:
     import pyarrow.csv as pacsv
 
     parse = pacsv.ParseOptions(newlines_in_values=True)
-    try:
-        probe = pacsv.open_csv(path, parse_options=parse, read_options=pacsv.ReadOptions(block_size=1 << 16))
-        names = probe.schema.names
-        probe.close()
-    except pa.ArrowInvalid as exc:
-        raise InputDataError(f"cannot read {path} as CSV: {exc}") from None
-    # Every column as raw bytes: later blocks can never disagree with inferred types, and text
-    # that is not valid UTF-8 is decoded row by row (with a note) instead of failing the file.
+    probe = pacsv.open_csv(path, parse_options=parse, read_options=pacsv.ReadOptions(block_size=block))
+    names = probe.schema.names
+    probe.close()
+    # Every column as raw bytes: later blocks can never disagree with inferred types, and text that is not
+    # valid UTF-8 is decoded row by row (with a note) instead of failing the file.
     convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False)
-    reader = pacsv.open_csv(
-        path, parse_options=parse, convert_options=convert, read_options=pacsv.ReadOptions(block_size=1 << 22)
-    )
-    try:
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
-    except pa.ArrowInvalid as exc:
-        raise InputDataError(f"cannot read {path} as CSV: {exc}") from None
+    reader = pacsv.open_csv(path, parse_options=parse, convert_options=convert,
+                            read_options=pacsv.ReadOptions(block_size=block))
+    for batch in reader:
+        yield pa.Table.from_batches([batch])
 
 
 def _iter_jsonl(path: Path) -> Iterator[pa.Table]:
@@ -128,11 +148,14 @@ def _jsonl_table(rows: list[dict]) -> pa.Table:
 def _as_bytes(value) -> bytes | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        return value.encode("utf-8", errors="surrogateescape")
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
-    return str(value).encode()
+        value = json.dumps(value, ensure_ascii=False)
+    elif not isinstance(value, str):
+        return str(value).encode()
+    try:  # bytes the reader could not decode come back as they were
+        return value.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate written as a JSON escape ("\ud800"): invalid UTF-8, so the
+        return value.encode("utf-8", errors="surrogatepass")  # row is decoded with U+FFFD and a note
 
 
 def _iter_parquet(path: Path) -> Iterator[pa.Table]:
@@ -284,8 +307,12 @@ def _stage_chunk(table, file, first_row, text_column, id_column, gold_column, al
     n = table.num_rows
     rows = list(range(first_row, first_row + n))
     texts, notes, skips = [], [], []
+    kind = table.schema.field(text_column).type
+    odd = None if pa.types.is_binary(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind) else (
+        f"column {text_column!r} holds {kind} values, not text: labelled as written")
     for value in table.column(text_column).to_pylist():
         text, note = _decode(value)
+        note = note or (odd if value is not None else None)
         texts.append(text)
         notes.append(note)
         skips.append("empty text" if not text.strip() else None)

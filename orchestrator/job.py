@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from labelwright.orchestrator.bootstrap import build_seed
+from labelwright.orchestrator.cost import token_cost
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
 from labelwright.specialists.errors import ConfigError, ControllerError, InputDataError
 from labelwright.orchestrator.report import (
@@ -463,15 +464,19 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     def label(ds, *, retry: bool = False):
         # The budget left is what the finished shards and the answers asked up front have not spent, shared
         # between the controller actors.
-        used_calls, used_tokens = _usage_so_far(parts_dir, _finished(staged, parts_dir), asked_up_front)
+        used_calls, prompt, completion = _usage_so_far(parts_dir, _finished(staged, parts_dir), asked_up_front)
+        budget = spec.budget
+        spent_usd = token_cost(prompt, completion, price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
+                               price_completion_per_1k=controller_cfg.price_completion_per_1k)
         seed_answers, reference_answers = seed.answers, reference.answers
         if retry:  # the failed answers bought up front: their spend is in the rows written the first time
             seed_answers = {k: a for k, a in seed_answers.items() if not ask_again(a)}
             reference_answers = {k: a for k, a in reference_answers.items() if not ask_again(a)}
         ctrl = _controller_settings(
             spec, controller_cfg, seed, reference, seed_answers=seed_answers, reference_answers=reference_answers,
-            max_calls=_share(spec.budget.max_llm_calls, used_calls, n_ctrl),
-            max_tokens=_share(spec.budget.max_llm_tokens, used_tokens, n_ctrl),
+            max_calls=_share(budget.max_llm_calls, used_calls, n_ctrl),
+            max_tokens=_share(budget.max_llm_tokens, prompt + completion, n_ctrl),
+            max_cost_usd=None if budget.max_cost_usd is None else max(0.0, budget.max_cost_usd - spent_usd) / n_ctrl,
             # a retry asks its rows in order; a run spends the budget on the least confident hard rows
             rows_expected=None if retry else -(-sum(s.n_rows for s in todo) // n_ctrl),
         )
@@ -541,6 +546,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
                "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan,
+               "budget": _budget_block(df, spec),
                **({"retried": retried} if retried is not None else {}), **extra},
     )
     from labelwright.orchestrator.report import plot_stages
@@ -551,6 +557,15 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     return publish_report(report, report_path=report_path, output=output, log=log)
 
 
+def _budget_block(df: pd.DataFrame, spec) -> dict:
+    """The budgets set, and the rows they left unresolved (retryable: a re-run with more budget asks them)."""
+    reasons = df["reason"].fillna("").astype(str)
+    past = reasons.str.startswith("LLM budget exhausted")
+    kept = reasons.str.startswith("LLM budget kept")
+    return {**spec.budget.model_dump(), "rows_past_budget": int(past.sum()),
+            "rows_kept_for_less_confident": int(kept.sum())}
+
+
 def _finished(staged: StagedInput, parts_dir: Path) -> set[int]:
     return {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
 
@@ -559,22 +574,24 @@ def _share(limit: int | None, used: int, n: int) -> int | None:
     return None if limit is None else max(0, limit - used) // n
 
 
-def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -> tuple[int, int]:
-    """LLM calls and tokens spent so far: the finished shards' rows, and the answers asked before labelling
-    (the seed's, the reference rows'), each counted once."""
-    calls = tokens = 0
+def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -> tuple[int, int, int]:
+    """LLM calls, prompt and completion tokens spent so far: the finished shards' rows, and the answers asked
+    before labelling (the seed's, the reference rows'), each counted once."""
+    calls = prompt = completion = 0
     for idx in done:
         path = parts_dir / f"part-{idx:05d}.parquet"
         flags = [c for c in ("seed", "reference") if c in pq.read_schema(path).names]  # parts of 0.1 have no reference
         p = pd.read_parquet(path, columns=["llm_calls", "prompt_tokens", "completion_tokens", *flags])
         p = p[~p[flags].astype(bool).any(axis=1)]
         calls += int(p["llm_calls"].sum())
-        tokens += int((p["prompt_tokens"] + p["completion_tokens"]).sum())
+        prompt += int(p["prompt_tokens"].sum())
+        completion += int(p["completion_tokens"].sum())
     for answers in asked_up_front:
         for a in answers.values():
             calls += int(a.get("calls") or 0)
-            tokens += int(a.get("prompt_tokens") or 0) + int(a.get("completion_tokens") or 0)
-    return calls, tokens
+            prompt += int(a.get("prompt_tokens") or 0)
+            completion += int(a.get("completion_tokens") or 0)
+    return calls, prompt, completion
 
 
 def _revote(rows: pd.DataFrame, vote: VoteSettings, batch_size: int, gate=None) -> pd.DataFrame:

@@ -93,6 +93,7 @@ HUMAN_COST_PER_ROW = 0.036  # 3 x 0.012
 class BudgetConfig(_Strict):
     max_llm_calls: int | None = Field(default=None, ge=0)  # rows past it are unresolved, never guessed
     max_llm_tokens: int | None = Field(default=None, ge=0)
+    max_cost_usd: float | None = Field(default=None, ge=0)  # at controller.price_*_per_1k; pipeline mode
     human_cost_per_row: float = Field(default=HUMAN_COST_PER_ROW, ge=0)  # USD; the report's cost against people
 
 
@@ -277,6 +278,13 @@ class TaskSpec(_Strict):
             raise ValueError("active.reweight (--reweight) needs gold reference rows: give --gold-file FILE "
                              "(text,label rows); the controller's own answers as the reference lost accuracy where "
                              "measured")
+        c = self.controller
+        if self.budget.max_cost_usd is not None and not (c.price_prompt_per_1k or c.price_completion_per_1k):
+            raise ValueError("budget.max_cost_usd (--max-cost-usd) is counted at the controller's prices: set "
+                             "controller.price_prompt_per_1k and price_completion_per_1k (USD per 1,000 tokens)")
+        if self.mode == "active" and (self.budget.max_cost_usd is not None or self.budget.max_llm_tokens is not None):
+            raise ValueError("active mode spends budget.max_llm_calls (--max-llm-calls) alone; drop "
+                             "budget.max_cost_usd and budget.max_llm_tokens, or use the pipeline mode")
         if self.voting.weights:
             unknown = sorted(set(self.voting.weights) - set(spec_names))
             if unknown:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from labelwright.cluster.deploy import predict_all
 from labelwright.orchestrator.acquisition import nearest
+from labelwright.orchestrator.cost import token_cost
 from labelwright.orchestrator.voting import (
     Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, top_candidates,
 )
@@ -163,6 +164,7 @@ class ControllerSettings:
     # rows this actor is expected to see (with max_calls: the budget goes to the least confident hard rows)
     rows_expected: int | None = None
     max_tokens: int | None = None
+    max_cost_usd: float | None = None  # at the controller's prices
     endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
 
@@ -191,6 +193,7 @@ class ControllerStage:
         self._encoder = None  # built on the first row that came without its embedding
         self.calls = 0
         self.tokens = 0
+        self.cost_usd = 0.0
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
         self.rows_seen = self.asked = 0
         self.reserved = 0  # rows started and not yet answered: one call each, counted against the budget
@@ -202,8 +205,12 @@ class ControllerStage:
     def _budget_left(self) -> str | None:
         if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
             return "LLM budget exhausted (budget.max_llm_calls)"
-        if self.s.max_tokens is not None and self.tokens >= self.s.max_tokens:
+        # Rows started and not yet answered count at the mean of those answered (nothing before the first answer).
+        per_row = 1.0 / self.asked if self.asked else 0.0
+        if self.s.max_tokens is not None and self.tokens * (1 + self.reserved * per_row) >= self.s.max_tokens:
             return "LLM budget exhausted (budget.max_llm_tokens)"
+        if self.s.max_cost_usd is not None and self.cost_usd * (1 + self.reserved * per_row) >= self.s.max_cost_usd:
+            return "LLM budget exhausted (budget.max_cost_usd)"
         return None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -299,6 +306,9 @@ class ControllerStage:
                     self.asked += 1
                 self.calls += answer.calls
                 self.tokens += answer.prompt_tokens + answer.completion_tokens
+                self.cost_usd += token_cost(answer.prompt_tokens, answer.completion_tokens,
+                                            price_prompt_per_1k=self.config.price_prompt_per_1k,
+                                            price_completion_per_1k=self.config.price_completion_per_1k)
                 self._check_endpoint_alive(answer)
 
         answers = self.controller.label_many(texts, demonstrations=demos, choices=choices, admit=admit, on_done=done)

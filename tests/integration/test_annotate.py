@@ -146,6 +146,9 @@ def test_budget_caps_llm_calls(ray_cluster, movie, tmp_path):
     assert len(budget_rows) > 0 and budget_rows["label"].isna().all()
     assert budget_rows["specialists_label"].notna().all()  # the specialists' guess is still there
     assert budget_rows["retryable"].all()  # a re-run with budget left may ask them (--retry-unresolved)
+    block = report["budget"]
+    assert block["max_llm_calls"] == 30
+    assert block["rows_past_budget"] + block["rows_kept_for_less_confident"] == len(budget_rows)
 
 
 def test_retry_unresolved_asks_again_only_the_rows_that_failed_for_a_transient_reason(ray_cluster, movie, tmp_path):

@@ -582,3 +582,33 @@ def test_batches_side_by_side_share_one_budget_and_never_overshoot_it(tmp_path):
     assert (out["decided_by"] == "controller").sum() == 10 and stage.calls == 10 and stage.reserved == 0
     spent = out[out["decided_by"] != "controller"]
     assert spent["retryable"].all() and (spent["reason"] == "LLM budget exhausted (budget.max_llm_calls)").all()
+
+
+def test_a_budget_in_dollars_stops_the_rows_once_spent(tmp_path):
+    """budget.max_cost_usd, counted at the controller's prices from the tokens each answer reports, rows started
+    and not yet answered at the mean cost of those answered: once spent, the rows left are unresolved and
+    retryable, and the spend passes the budget by less than one row's cost."""
+    import pandas as pd
+
+    from labelwright.orchestrator.cost import token_cost
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+
+    n = 12
+    batch = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "text": [f"text number {i}" for i in range(n)],
+                          "skip_reason": [None] * n, "hard": [True] * n, "specialists_label": ["positive"] * n,
+                          "vote_confidence": [0.5] * n, "shortlist": [LABELS] * n})
+    with FakeOpenAI(constant("negative")) as fake:
+        stage = ControllerStage(ControllerSettings(
+            controller={"base_url": fake.base_url, "model": "fake-model", "cache": False, "concurrency": 1,
+                        "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite"),
+                        "price_prompt_per_1k": 1.0, "price_completion_per_1k": 2.0},
+            labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
+            max_cost_usd=0.5))
+        out = stage(batch)
+        stage.controller.close()
+    asked = out[out["decided_by"] == "controller"]
+    row_cost = [token_cost(p, c, price_prompt_per_1k=1.0, price_completion_per_1k=2.0)
+                for p, c in zip(asked["prompt_tokens"], asked["completion_tokens"])]
+    assert 0 < len(asked) < n and sum(row_cost) >= 0.5 > sum(row_cost) - max(row_cost)
+    left = out[out["decided_by"] != "controller"]
+    assert left["retryable"].all() and (left["reason"] == "LLM budget exhausted (budget.max_cost_usd)").all()

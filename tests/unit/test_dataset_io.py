@@ -120,3 +120,45 @@ def test_jsonl_non_utf8_bytes_and_mixed_field_types(tmp_path):
     assert df["text"].tolist() == ["ok", "caf\ufffd au lait", "x"]
     assert "not valid UTF-8" in df["note"][1]
     assert df["n"].tolist()[:2] == ["1", "2.5"] and df["meta"][2] == '{"a": 1}'
+
+
+def test_hostile_texts_are_kept_and_marked(tmp_path):
+    """NUL bytes and right-to-left overrides are text like any other; a lone surrogate (a JSON escape no UTF-8
+    can hold) becomes U+FFFD with a note; a ten-megabyte CSV row, longer than Arrow's read block, is read whole
+    (with larger blocks, no row twice); a Parquet text column of numbers is labelled as written, with a note.
+    Every output format writes them back."""
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b'text\n"a\x00b"\n"abc \xe2\x80\xae evil"\nok\n')
+    df = staged_frame(stage_input(nul, run_dir=tmp_path / "r1", text_column="text"))
+    assert df["text"].tolist() == ["a\x00b", "abc \u202e evil", "ok"] and df["note"].isna().all()
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"text": "lone \\ud800 surrogate"}\n{"text": "fine"}\n')
+    df = staged_frame(stage_input(lone, run_dir=tmp_path / "r2", text_column="text"))
+    assert df["text"][0] == "lone \ufffd\ufffd\ufffd surrogate" and "not valid UTF-8" in df["note"][0]
+    assert df["text"][1] == "fine"
+    big = tmp_path / "big.csv"
+    long_text = "word " * 2_000_000  # 10 MB
+    short = [f"r{i}" for i in range(600_000)]  # 4.6 MB: a first block is read before the long row fails one
+    big.write_text("text\n" + "\n".join(short) + f'\n"{long_text}"\nlast\n')
+    df = staged_frame(stage_input(big, run_dir=tmp_path / "r3", text_column="text", shard_rows=10**6))
+    assert len(df) == len(short) + 2 and df["text"].tolist()[-3:] == [short[-1], long_text, "last"]
+    assert df["text"].iloc[:-2].tolist() == short
+    numbers = tmp_path / "numbers.parquet"
+    pd.DataFrame({"text": [1, 2]}).to_parquet(numbers)
+    df = staged_frame(stage_input(numbers, run_dir=tmp_path / "r4", text_column="text"))
+    assert df["text"].tolist() == ["1", "2"] and df["note"].str.contains("holds int64 values, not text").all()
+    out = pd.DataFrame({"text": ["a\x00b", "abc \u202e evil", "lone \ufffd surrogate"], "label": ["x", "y", "z"]})
+    for fmt in ("parquet", "csv", "jsonl"):
+        assert read_frame(write_frame(out, tmp_path / f"out.{fmt}"))["text"].tolist() == out["text"].tolist()
+
+
+def test_broken_csv_quoting_and_null_ids_are_clear_errors(tmp_path):
+    src = tmp_path / "broken.csv"
+    src.write_text('text,label\nok,a\n"unterminated,b\nmore,c\n' + "x,y\n" * 500)
+    with pytest.raises(InputDataError, match=r"cannot read .* as CSV: .*a quote left open") as err:
+        stage_input(src, run_dir=tmp_path / "r1", text_column="text")
+    assert len(str(err.value)) < 600 and "\n" not in str(err.value)  # not the rest of the file
+    ids = tmp_path / "ids.parquet"
+    pd.DataFrame({"id": ["1", None], "text": ["a", "b"]}).to_parquet(ids)
+    with pytest.raises(InputDataError, match=r"row 1 has an empty id in column 'id'"):
+        stage_input(ids, run_dir=tmp_path / "r2", text_column="text", id_column="id")

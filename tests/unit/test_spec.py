@@ -120,3 +120,12 @@ def test_the_rows_asked_up_front_are_cut_to_half_the_budget():
     assert (cut.seed.size, cut.voting.reference_rows) == (None, 50) and "seed" not in note
     for roomy in (TaskSpec(labels=["a", "b"]), TaskSpec(labels=["a", "b"], budget={"max_llm_calls": 428})):
         assert roomy.within_budget() == (roomy, None)
+
+
+def test_a_dollar_budget_needs_prices_and_the_pipeline():
+    with pytest.raises(ValueError, match=r"price_prompt_per_1k"):
+        TaskSpec(labels=["a", "b"], budget={"max_cost_usd": 5})
+    priced = {"price_prompt_per_1k": 0.001}
+    assert TaskSpec(labels=["a", "b"], budget={"max_cost_usd": 5}, controller=priced).budget.max_cost_usd == 5
+    with pytest.raises(ValueError, match=r"active mode spends budget.max_llm_calls"):
+        TaskSpec(labels=["a", "b"], mode="active", budget={"max_llm_calls": 9, "max_cost_usd": 5}, controller=priced)
