@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.spec import load_task
 from labelwright.training.buffer import HardBuffer
 from tests.conftest import movie_slice, swap_under_load
-from tests.fake_openai import FakeOpenAI, oracle
+from tests.fake_openai import FakeOpenAI, last_fenced_text, oracle, slow
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
 
@@ -71,6 +72,62 @@ def test_hot_swap_with_requests_in_flight(ray_cluster, movie, tmp_path):
     assert va in before and {v for t, v in seen if t > swapped + 0.2} == {vb}
 
 
+def killed_at(marker: str, path: Path, task_file: Path, out: Path) -> list[str]:
+    """``labelwright annotate`` on the session's cluster, in a process group of its own, SIGKILLed as soon as a
+    line of its output holds ``marker``; returns the lines it printed."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address  # the session's cluster, not whichever started last
+    cmd = [sys.executable, "-m", "labelwright.orchestrator.cli", "annotate", str(path), "--task", str(task_file),
+           "--output", str(out), "--address", address]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    killed, log = False, []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        log.append(line)
+        if marker in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        assert time.monotonic() < deadline, "".join(log[-30:])
+    proc.wait(timeout=60)
+    assert killed, "".join(log[-30:])
+    return log
+
+
+def test_killed_while_seeding_then_the_same_command_buys_no_seed_answer_twice(ray_cluster, movie, tmp_path):
+    """SIGKILL the driver while the controller labels the seed, then run the same task again: every row once,
+    and no seed row asked twice but those in flight at the kill: sent, their answers not yet stored in the cache
+    (at most controller.concurrency in the slots, and those just answered)."""
+    path, df = movie
+    truth = dict(zip(df["text"], df["label"]))
+    out, run_dir = tmp_path / "out.parquet", tmp_path / "out.run"
+    with FakeOpenAI(slow(0.2, oracle(truth))) as server:
+        spec = task(server, enabled=False)
+        spec["controller"].update(cache=True, cache_path=str(tmp_path / "cache.sqlite"), concurrency=4)
+        task_file = tmp_path / "task.json"
+        task_file.write_text(json.dumps(spec))
+        killed_at("seed labels 10/", path, task_file, out)
+        assert not (run_dir / "seed" / "seed.parquet").exists()
+        time.sleep(0.5)  # the requests the killed driver left at the server arrive
+        asked_before = server.chat_calls
+        with sqlite3.connect(tmp_path / "cache.sqlite") as db:
+            bought = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        in_flight = asked_before - bought  # sent, their answers never stored
+        assert 10 <= bought < 40 and 0 <= in_flight <= 2 * 4
+        annotate(path, spec=load_task(task_file), output=out)
+        texts = [last_fenced_text(r) for r in server.requests]
+    res = pd.read_parquet(out)
+    assert res["row"].tolist() == list(range(len(df)))
+    seed = pd.read_parquet(run_dir / "seed" / "seed.parquet")
+    asked = pd.Series(texts).value_counts()
+    twice = asked.reindex(seed["text"]).fillna(0)
+    assert len(seed) == 40 and (twice >= 1).all()
+    assert (twice > 1).sum() <= in_flight  # bought twice: at most the requests in flight at the kill
+
+
 def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(ray_cluster, movie, tmp_path):
     """1. SIGKILL the job's driver while stage 1 trains. 2. Run it again: stages are trained and swapped
     in while the job runs, rows record the versions that voted on them, the buffer holds each
@@ -82,25 +139,7 @@ def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(
     with FakeOpenAI(oracle(truth)) as server:
         task_file = tmp_path / "task.json"
         task_file.write_text(json.dumps(task(server)))
-        import ray
-
-        address = ray.get_runtime_context().gcs_address  # the session's cluster, not whichever started last
-        cmd = [sys.executable, "-m", "labelwright.orchestrator.cli", "annotate", str(path), "--task", str(task_file),
-               "--output", str(out), "--address", address]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        killed, log = False, []
-        deadline = time.monotonic() + 600
-        for line in proc.stdout:
-            log.append(line)
-            if "stage 1: training" in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-            assert time.monotonic() < deadline, "".join(log[-30:])
-        proc.wait(timeout=60)
-        assert killed, "".join(log[-30:])
+        killed_at("stage 1: training", path, task_file, out)
         before = HardBuffer(run_dir / "buffer").frame()
         assert len(before) > 0 and before["row"].is_unique
         assert [r["stage"] for r in json.loads((run_dir / "stages.json").read_text())] == [0]
