@@ -10,6 +10,7 @@ concurrency and a call/token budget; every other row passes through untouched.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,6 +25,7 @@ from labelwright.orchestrator.voting import (
 )
 
 
+DOUBT_WINDOW = 20000  # hard rows whose vote confidence the budget's selection compares a row with
 DEMONSTRATION_ENCODER = "minilm"  # what the controller's demonstrations are found with (the bank's embeddings)
 
 
@@ -197,10 +199,14 @@ class ControllerStage:
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
         self.rows_seen = self.asked = 0
         self.reserved = 0  # rows started and not yet answered: one call each, counted against the budget
-        self.doubts: list[float] = []  # 1 - vote confidence of every hard row seen (the budget's selection)
+        # 1 - vote confidence of the latest hard rows (the budget's selection; a window, as a stage swap changes
+        # the confidences' scale)
+        self.doubts: deque[float] = deque(maxlen=DOUBT_WINDOW)
+        self.hard_seen = 0
         # Ray Data may run several batches in this actor at once (runtime.controller_batches): one slow batch
         # then holds up no other. The counters above are shared between them.
         self._lock = threading.RLock()
+        self._encoding = threading.RLock()  # one encoder, one batch at a time: its tokenizer is not thread-safe
 
     def _budget_left(self) -> str | None:
         if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
@@ -263,12 +269,15 @@ class ControllerStage:
             return rows
         conf = batch["vote_confidence"] if "vote_confidence" in batch.columns else pd.Series(np.nan, batch.index)
         doubt = [1.0 - float(c) if pd.notna(c) else 1.0 for c in conf.iloc[rows]]
-        self.doubts += doubt
+        self.doubts.extend(doubt)
+        self.hard_seen += len(rows)
         left = self.s.max_calls - self.calls - self.reserved
-        future = max(0, self.s.rows_expected - self.rows_seen) * len(self.doubts) / max(1, self.rows_seen)
-        share = left / ((len(rows) + future) * (self.calls / self.asked if self.asked else 1.0))
-        if share >= 1 or left <= 0:  # enough for all; or none left, which _ask says
+        future = max(0, self.s.rows_expected - self.rows_seen) * self.hard_seen / max(1, self.rows_seen)
+        # calls a row costs so far (cache hits cost none: while every answer came from the cache, rows are free)
+        demand = (len(rows) + future) * (self.calls / self.asked if self.asked else 1.0)
+        if demand <= left or left <= 0:  # enough for all; or none left, which _ask says
             return rows
+        share = left / demand
         cut = float(np.quantile(self.doubts, 1.0 - share))
         keep = [i for i, d in zip(rows, doubt) if d >= cut]
         for i, d in zip(rows, doubt):
@@ -282,8 +291,10 @@ class ControllerStage:
 
     def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
         """Ask the controller about ``rows``, all of them at once on its bounded pool: a slow or failing row
-        holds one thread, not the rows behind it. The budget is checked as each row starts (it reserves a call
-        until its answer is in), so it is overshot by at most the retries in flight."""
+        holds one thread, not the rows behind it. The budgets are checked as each row starts: a row reserves a
+        call until its answer is in, so ``max_calls`` is overshot by at most the retries in flight; tokens and
+        cost count a row in flight at the mean of the rows answered, so before the first answer every row
+        started (up to 4 x concurrency per batch in flight) passes unchecked."""
         texts = [batch.at[i, "text"] for i in rows]
         embedded = [batch.at[i, "embedding"] for i in rows] if "embedding" in batch.columns else None
         demos = self.demonstrations(texts, embedded)
@@ -341,7 +352,8 @@ class ControllerStage:
             if e is not None:
                 q[j] = np.frombuffer(e, dtype=np.float32)
         if missing:
-            q[missing] = self.encoder.encode([texts[j] for j in missing])
+            with self._encoding:
+                q[missing] = self.encoder.encode([texts[j] for j in missing])
         idx = nearest(q, self.s.demo_embeddings, self.config.num_demonstrations, query_texts=list(texts),
                       bank_texts=self.s.demo_texts)
         # most similar last: closest to the question in the prompt
@@ -349,7 +361,7 @@ class ControllerStage:
 
     @property
     def encoder(self):
-        with self._lock:  # built once, though batches run side by side
+        with self._encoding:  # built once, though batches run side by side
             if self._encoder is None:
                 from labelwright.specialists.encoder import Encoder
 

@@ -612,3 +612,21 @@ def test_a_budget_in_dollars_stops_the_rows_once_spent(tmp_path):
     assert 0 < len(asked) < n and sum(row_cost) >= 0.5 > sum(row_cost) - max(row_cost)
     left = out[out["decided_by"] != "controller"]
     assert left["retryable"].all() and (left["reason"] == "LLM budget exhausted (budget.max_cost_usd)").all()
+
+
+def test_rows_answered_from_the_cache_cost_the_budget_nothing(tmp_path):
+    """While every answer so far came from the cache (no call spent), the budget's selection asks every hard row
+    (it used to divide by the calls per row, zero)."""
+    import pandas as pd
+
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+
+    stage = ControllerStage(ControllerSettings(
+        controller={"base_url": "http://127.0.0.1:9/v1", "model": "fake-model", "cache": False,
+                    "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
+        labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
+        max_calls=4, rows_expected=100))
+    stage.asked, stage.rows_seen = 5, 10
+    batch = pd.DataFrame({"vote_confidence": [0.9, 0.5, 0.7]})
+    assert stage._worth_asking(batch, [0, 1, 2], {}) == [0, 1, 2]
+    stage.controller.close()
