@@ -30,8 +30,8 @@ from labelwright.orchestrator.report import (
 )
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
-    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again, combined_decision,
-    demonstration_embeddings,
+    BUDGET_KEPT, BUDGET_SPENT, ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again,
+    combined_decision, demonstration_embeddings,
 )
 
 
@@ -560,8 +560,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
 def _budget_block(df: pd.DataFrame, spec) -> dict:
     """The budgets set, and the rows they left unresolved (retryable: a re-run with more budget asks them)."""
     reasons = df["reason"].fillna("").astype(str)
-    past = reasons.str.startswith("LLM budget exhausted")
-    kept = reasons.str.startswith("LLM budget kept")
+    past = reasons.str.startswith(BUDGET_SPENT)
+    kept = reasons.str.startswith(BUDGET_KEPT)
     return {**spec.budget.model_dump(), "rows_past_budget": int(past.sum()),
             "rows_kept_for_less_confident": int(kept.sum())}
 

@@ -25,6 +25,9 @@ from labelwright.orchestrator.voting import (
 )
 
 
+# The reasons a budget gives a row it leaves unresolved begin so (the report counts them by these).
+BUDGET_SPENT = "LLM budget exhausted"
+BUDGET_KEPT = "LLM budget kept for less confident rows"
 DOUBT_WINDOW = 20000  # hard rows whose vote confidence the budget's selection compares a row with
 DEMONSTRATION_ENCODER = "minilm"  # what the controller's demonstrations are found with (the bank's embeddings)
 
@@ -210,13 +213,13 @@ class ControllerStage:
 
     def _budget_left(self) -> str | None:
         if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
-            return "LLM budget exhausted (budget.max_llm_calls)"
+            return f"{BUDGET_SPENT} (budget.max_llm_calls)"
         # Rows started and not yet answered count at the mean of those answered (nothing before the first answer).
         per_row = 1.0 / self.asked if self.asked else 0.0
         if self.s.max_tokens is not None and self.tokens * (1 + self.reserved * per_row) >= self.s.max_tokens:
-            return "LLM budget exhausted (budget.max_llm_tokens)"
+            return f"{BUDGET_SPENT} (budget.max_llm_tokens)"
         if self.s.max_cost_usd is not None and self.cost_usd * (1 + self.reserved * per_row) >= self.s.max_cost_usd:
-            return "LLM budget exhausted (budget.max_cost_usd)"
+            return f"{BUDGET_SPENT} (budget.max_cost_usd)"
         return None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +286,7 @@ class ControllerStage:
         for i, d in zip(rows, doubt):
             if d < cut:
                 res["decided_by"][i] = "unresolved"
-                res["reason"][i] = (f"LLM budget kept for less confident rows (budget.max_llm_calls: it covers the "
+                res["reason"][i] = (f"{BUDGET_KEPT} (budget.max_llm_calls: it covers the "
                                     f"{share:.0%} least confident hard rows, vote confidence under {1 - cut:.2f}; "
                                     f"this row's is {1 - d:.2f})")
                 res["retryable"][i] = True
