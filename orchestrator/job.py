@@ -466,8 +466,6 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
         # between the controller actors.
         used_calls, prompt, completion = _usage_so_far(parts_dir, _finished(staged, parts_dir), asked_up_front)
         budget = spec.budget
-        spent_usd = token_cost(prompt, completion, price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
-                               price_completion_per_1k=controller_cfg.price_completion_per_1k)
         seed_answers, reference_answers = seed.answers, reference.answers
         if retry:  # the failed answers bought up front: their spend is in the rows written the first time
             seed_answers = {k: a for k, a in seed_answers.items() if not ask_again(a)}
@@ -476,7 +474,9 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
             spec, controller_cfg, seed, reference, seed_answers=seed_answers, reference_answers=reference_answers,
             max_calls=_share(budget.max_llm_calls, used_calls, n_ctrl),
             max_tokens=_share(budget.max_llm_tokens, prompt + completion, n_ctrl),
-            max_cost_usd=None if budget.max_cost_usd is None else max(0.0, budget.max_cost_usd - spent_usd) / n_ctrl,
+            max_cost_usd=_share(budget.max_cost_usd, token_cost(
+                prompt, completion, price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
+                price_completion_per_1k=controller_cfg.price_completion_per_1k), n_ctrl),
             # a retry asks its rows in order; a run spends the budget on the least confident hard rows
             rows_expected=None if retry else -(-sum(s.n_rows for s in todo) // n_ctrl),
         )
@@ -570,8 +570,12 @@ def _finished(staged: StagedInput, parts_dir: Path) -> set[int]:
     return {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
 
 
-def _share(limit: int | None, used: int, n: int) -> int | None:
-    return None if limit is None else max(0, limit - used) // n
+def _share(limit: int | float | None, used: int | float, n: int) -> int | float | None:
+    """An actor's share of what is left of a budget: whole calls or tokens, or dollars (a float limit)."""
+    if limit is None:
+        return None
+    left = max(0, limit - used)
+    return left // n if isinstance(limit, int) else left / n
 
 
 def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -> tuple[int, int, int]:

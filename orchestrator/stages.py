@@ -196,9 +196,7 @@ class ControllerStage:
         self.demonstrating = (config.num_demonstrations > 0 and settings.demo_embeddings is not None
                               and len(settings.demo_texts) > 0)
         self._encoder = None  # built on the first row that came without its embedding
-        self.calls = 0
-        self.tokens = 0
-        self.cost_usd = 0.0
+        self.calls = self.prompt_tokens = self.completion_tokens = 0
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
         self.rows_seen = self.asked = 0
         self.reserved = 0  # rows started and not yet answered: one call each, counted against the budget
@@ -215,11 +213,16 @@ class ControllerStage:
         if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
             return f"{BUDGET_SPENT} (budget.max_llm_calls)"
         # Rows started and not yet answered count at the mean of those answered (nothing before the first answer).
-        per_row = 1.0 / self.asked if self.asked else 0.0
-        if self.s.max_tokens is not None and self.tokens * (1 + self.reserved * per_row) >= self.s.max_tokens:
+        scale = 1 + (self.reserved / self.asked if self.asked else 0.0)
+        tokens = self.prompt_tokens + self.completion_tokens
+        if self.s.max_tokens is not None and tokens * scale >= self.s.max_tokens:
             return f"{BUDGET_SPENT} (budget.max_llm_tokens)"
-        if self.s.max_cost_usd is not None and self.cost_usd * (1 + self.reserved * per_row) >= self.s.max_cost_usd:
-            return f"{BUDGET_SPENT} (budget.max_cost_usd)"
+        if self.s.max_cost_usd is not None:
+            cost = token_cost(self.prompt_tokens, self.completion_tokens,
+                              price_prompt_per_1k=self.config.price_prompt_per_1k,
+                              price_completion_per_1k=self.config.price_completion_per_1k)
+            if cost * scale >= self.s.max_cost_usd:
+                return f"{BUDGET_SPENT} (budget.max_cost_usd)"
         return None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -319,10 +322,8 @@ class ControllerStage:
                     self.reserved -= 1
                     self.asked += 1
                 self.calls += answer.calls
-                self.tokens += answer.prompt_tokens + answer.completion_tokens
-                self.cost_usd += token_cost(answer.prompt_tokens, answer.completion_tokens,
-                                            price_prompt_per_1k=self.config.price_prompt_per_1k,
-                                            price_completion_per_1k=self.config.price_completion_per_1k)
+                self.prompt_tokens += answer.prompt_tokens
+                self.completion_tokens += answer.completion_tokens
                 self._check_endpoint_alive(answer)
 
         answers = self.controller.label_many(texts, demonstrations=demos, choices=choices, admit=admit, on_done=done)
