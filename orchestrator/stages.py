@@ -207,7 +207,7 @@ class ControllerStage:
         # Ray Data may run several batches in this actor at once (runtime.controller_batches): one slow batch
         # then holds up no other. The counters above are shared between them.
         self._lock = threading.RLock()
-        self._encoding = threading.RLock()  # one encoder, one batch at a time: its tokenizer is not thread-safe
+        self._encoding = threading.Lock()  # one encoder, one batch at a time: its tokenizer is not thread-safe
 
     def _budget_left(self) -> str | None:
         if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
@@ -364,13 +364,12 @@ class ControllerStage:
         return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
 
     @property
-    def encoder(self):
-        with self._encoding:  # built once, though batches run side by side
-            if self._encoder is None:
-                from labelwright.specialists.encoder import Encoder
+    def encoder(self):  # built on first use (under demonstrations' lock, when batches run side by side)
+        if self._encoder is None:
+            from labelwright.specialists.encoder import Encoder
 
-                self._encoder = Encoder(self.s.encoder_model)
-            return self._encoder
+            self._encoder = Encoder(self.s.encoder_model)
+        return self._encoder
 
     def _combine(self, batch: pd.DataFrame, i: int, res: dict) -> None:
         """Where the stage fitted a combination that pays (``voting.combine``), it decides the row from the
