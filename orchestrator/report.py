@@ -138,16 +138,30 @@ def people_block(rows: int, cost_per_row: float, llm_cost_usd: float) -> dict:
             "times_cheaper": round(people / llm_cost_usd, 1) if llm_cost_usd > 0 else None}
 
 
-def publish_report(report: dict, *, report_path, output, log) -> dict:
-    """Write ``report`` as JSON to ``report_path`` (when given) and log its summary and where the output went."""
+def publish_report(report: dict, *, report_path, output, log, frame: pd.DataFrame | None = None) -> dict:
+    """Write ``report`` as JSON to ``report_path`` (when given) and, beside it, as an HTML page with its plots
+    drawn from ``frame`` (the output frame: :func:`html_report_path`); log its summary and where things went."""
     import json
 
+    html_path = None
     if report_path:
+        html_path = html_report_path(report_path)
+        report["html"] = str(html_path)
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(json.dumps(report, indent=2, default=str))
     log(summary(report))
-    log(f"output: {output}" + (f", report: {report_path}" if report_path else ""))
+    if html_path is not None:
+        from labelwright.orchestrator.report_html import write_html_report
+
+        write_html_report(report, frame, html_path)
+    log(f"output: {output}" + (f", report: {report_path}, HTML report: {html_path}" if report_path else ""))
     return report
+
+
+def html_report_path(report_path: str | Path) -> Path:
+    """Where the HTML report goes: the JSON report's path with ``.html`` for its suffix (``r.json``: ``r.html``)."""
+    p = Path(report_path)
+    return p.with_name(p.name + ".html") if p.suffix == ".html" else p.with_suffix(".html")
 
 
 def combined_block(df: pd.DataFrame) -> dict:
@@ -281,61 +295,17 @@ def _save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_stages(stages: dict, path: str | Path) -> Path:
-    """PNG of the per-stage figures: LLM (hard-row) share and accuracy, stage by stage.
+    """PNG of :func:`labelwright.orchestrator.report_plots.stages_figure`."""
+    from labelwright.orchestrator.report_plots import stages_figure
 
-    Left: share of rows sent to the controller among the rows each stage's specialists voted on,
-    and the hard share on the held-out check slice. Right: each specialist's accuracy on the check
-    slice and, with gold, the accuracy of the consensus rows.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = stages["stages"]
-    x = [r["stage"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(x, [r["hard_share"] for r in rows], "o-", label="rows voted by the stage")
-    ax1.plot(x, [(r.get("check") or {}).get("hard_share") for r in rows], "s--", label="held-out check slice")
-    ax1.set(title="LLM (hard-row) share", xlabel="stage", ylabel="share of rows", ylim=(0, 1))
-    ax1.legend()
-    names = sorted({n for r in rows for n in ((r.get("check") or {}).get("specialists") or {})})
-    for n in names:
-        ax2.plot(x, [((r.get("check") or {}).get("specialists") or {}).get(n) for r in rows], "o-", label=n)
-    if any(r.get("consensus_accuracy") is not None for r in rows):
-        ax2.plot(x, [r.get("consensus_accuracy") for r in rows], "k^-", label="consensus rows (gold)")
-    src = next(((r.get("check") or {}).get("source") for r in rows if (r.get("check") or {}).get("rows")), None)
-    ax2.set(title=f"accuracy (check slice: {src or 'none'})", xlabel="stage", ylabel="accuracy", ylim=(0, 1))
-    if ax2.get_legend_handles_labels()[1]:  # nothing to plot without a check slice or gold
-        ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
-        ax.set_xticks(x)
-        ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return _save_figure(stages_figure(stages), path)
 
 
 def plot_rounds(rounds: list[dict], path: str | Path) -> Path:
-    """PNG of active mode's learning curve: the task model's accuracy against the LLM calls bought before it was
-    fitted, on the gold file's rows (``check_accuracy``) and, with a gold column, on the rows not bought."""
-    import matplotlib
+    """PNG of :func:`labelwright.orchestrator.report_plots.rounds_figure`."""
+    from labelwright.orchestrator.report_plots import rounds_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    fitted = [r for r in rounds if "final_top_up" not in r]
-    x = [r["spent"] - r.get("calls", 0) for r in fitted]
-    for key, name in (("check_accuracy", "gold file rows"), ("model_accuracy_before", "rows not bought (gold column)")):
-        pts = [(a, r[key]) for a, r in zip(x, fitted) if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=name)
-    ax.set(title="active mode: the task model's accuracy", xlabel="LLM calls bought", ylabel="accuracy", ylim=(0, 1))
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no gold rows to measure on", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return _save_figure(rounds_figure(rounds), path)
 
 
 def routing_text(fit: dict) -> str:
