@@ -447,6 +447,9 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
         from labelwright.specialists.errors import InputDataError
 
         raise InputDataError(f"internal check failed: {len(out)} output rows for {staged.n_rows} input rows")
+    from labelwright.orchestrator.review import apply_reviews
+
+    out, reviews = apply_reviews(out, run_dir, log=log)
     write_frame(out, output, output_format)
     wall = time.monotonic() - t0
     w = [v for v in weights.values()] if cfg.reweight else []
@@ -461,7 +464,7 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
                           "reweight": ({"reference": "gold file", "reference_rows": len(reference[1]), "rows": len(w),
                                         "zero_weight": int(sum(1 for v in w if v == 0)),
                                         "min": min(w), "max": max(w)} if w else None)},
-               "output": str(output), "run_dir": str(run_dir)})
+               "output": str(output), "run_dir": str(run_dir), **({"reviews": reviews} if reviews else {})})
     from labelwright.orchestrator.report import plot_rounds
 
     base = Path(report_path) if report_path else output
@@ -469,4 +472,4 @@ def annotate_active(staged, *, spec, controller, run_dir: Path, output: Path, ou
     if "gold" in out.columns and out["gold"].notna().any():
         g = out[out["gold"].notna() & (out["decided_by"] == "model")]
         report["active"]["model_accuracy_on_its_rows"] = accuracy(g["label"], g["gold"]) if len(g) else None
-    return publish_report(report, report_path=report_path, output=output, log=log)
+    return publish_report(report, report_path=report_path, output=output, log=log, frame=out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,46 @@ def _annotate_parser(sub) -> None:
     p.add_argument("--plan", help="plan file (from `labelwright plan`) naming the specialists; default: the task's "
                                   "specialists, or a plan made now and saved as OUTPUT.plan.yaml")
     p.add_argument("--zoo", action="append", help="extra model zoo file (YAML/JSON) for planning; repeatable")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show Ray's and the libraries' output on the terminal too (by default it goes to "
+                        "RUN_DIR/logs/run.log and the terminal shows labelwright's lines and a progress bar)")
+
+
+def _estimate_parser(sub) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="what labelling INPUT would cost, without any LLM call",
+        description="Count the controller's real prompts on a sample of INPUT's rows with a tokenizer and price "
+                    "them: every row by the controller, and the pipeline (seed, reference rows and the expected "
+                    "hard share of the rest); set against people labelling every row. Spends nothing.",
+    )
+    p.add_argument("input", help="CSV, JSONL or Parquet file (or a folder of them)")
+    p.add_argument("--labels", help="comma-separated label set")
+    p.add_argument("--task", help="task spec file (YAML or JSON): its prices (controller.price_*_per_1k) apply")
+    p.add_argument("--text-column", help="column holding the text (default: text)")
+    p.add_argument("--instruction", help="what the labels mean, in a sentence, for the controller")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--hard-share", type=float,
+                   help="share (0-1) of the rows past the seed and reference rows expected to go to the "
+                        "controller (default: a stated assumption)")
+    p.add_argument("--seed-size", type=int, help="rows the controller labels first")
+    p.add_argument("--reference-rows", type=int, help="rows the controller answers up front to route by")
+    p.add_argument("--max-llm-calls", type=int, help="budget: calls past it are not made")
+    p.add_argument("--human-cost-per-row", type=float, help="USD people are paid to label a row (0.036)")
+    p.add_argument("--mode", choices=["pipeline", "active"], help="pipeline (default) or active")
+    p.add_argument("--controller-mode", choices=["label", "candidates"], help="label (default) or candidates")
+    p.add_argument("--json", metavar="FILE", help="also write the estimate as JSON here")
+
+
+def _estimate_command(args) -> None:
+    from labelwright.orchestrator.estimate import estimate, render
+    from labelwright.orchestrator.spec import load_task
+
+    spec = load_task(args.task, _overrides(args))
+    est = estimate([args.input], spec, limit=args.limit, hard_share=args.hard_share)
+    print("\n".join(render(est)))
+    if args.json:
+        Path(args.json).write_text(est.model_dump_json(indent=1))
 
 
 def _plan_parser(sub) -> None:
@@ -150,6 +191,65 @@ def _select_annotator_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="use only the first N gold rows")
 
 
+def _export_review_parser(sub) -> None:
+    p = sub.add_parser(
+        "export-review",
+        help="write rows of an output for people to review in Label Studio or Argilla, labelwright's answer "
+             "as a pre-annotation",
+        description="Write the rows of OUTPUT to review (the most doubtful first) in the import format of Label "
+                    "Studio (tasks with predictions, and the labeling config beside them) or Argilla 2.x (records "
+                    "with suggestions, and the dataset settings beside them). Read the reviewed answers back with "
+                    "`labelwright import-review`.",
+    )
+    p.add_argument("output", help="the output file of `labelwright annotate` (.parquet, .csv or .jsonl)")
+    p.add_argument("--format", required=True, choices=["label-studio", "argilla"], help="the tool to review in")
+    p.add_argument("--rows", default="hard", choices=["hard", "low-confidence", "disagreement", "all"],
+                   help="hard (default): rows the specialists did not settle; low-confidence: the least confident "
+                        "(needs --limit); disagreement: rows the specialists or the controller disagree on; all")
+    p.add_argument("--limit", type=int, help="at most N rows, the most doubtful first")
+    p.add_argument("--output", "-o", dest="dest", required=True, help="file to write (.json)")
+    p.add_argument("--run-dir", help="the run directory of OUTPUT, for its label set (default: OUTPUT.run)")
+    p.add_argument("--labels", help="comma-separated label set, where the run directory is gone")
+
+
+def _import_review_parser(sub) -> None:
+    p = sub.add_parser(
+        "import-review",
+        help="read people's reviewed answers (a Label Studio or Argilla export) into a run as gold rows",
+        description="Read a Label Studio JSON export or an Argilla export of rows written by `labelwright "
+                    "export-review` into RUN/reviews.parquet. The same annotate command again writes them into the "
+                    "output (decided_by: human); a run that starts over (--fresh) also takes them as gold reference "
+                    "rows.",
+    )
+    p.add_argument("file", help="the tool's export (.json or .jsonl)")
+    p.add_argument("--run-dir", required=True,
+                   help="the run directory of the exported output (OUTPUT.run by default)")
+    p.add_argument("--format", choices=["label-studio", "argilla"], help="the tool (default: told from the file)")
+
+
+def _export_review_command(args) -> None:
+    from labelwright.orchestrator.job import default_run_dir
+    from labelwright.orchestrator.review import export_review
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    run_dir = args.run_dir or default_run_dir(Path(args.output))
+    done = export_review(args.output, tool=args.format, dest=args.dest, rows=args.rows, limit=args.limit,
+                         run_dir=run_dir, labels=labels)
+    print(f"{done['written']} of {done['of']} rows ({args.rows}) written to {done['file']}")
+    if args.format == "label-studio":
+        print(f"Label Studio: create a project with the labeling config in {done['beside']}, import {done['file']} "
+              "(labelwright's answers come as predictions), review, and export the project as JSON")
+    else:
+        print("Argilla (Python, argilla 2.x):\n"
+              "  import json, argilla as rg\n"
+              f"  dataset = rg.Dataset(name=\"review\", settings=rg.Settings.from_json({done['beside']!r}))\n"
+              "  dataset.create()\n"
+              f"  dataset.records.log([rg.Record.from_dict(r) for r in json.load(open({done['file']!r}))])\n"
+              "review, and export the answers: "
+              "json.dump(dataset.records.to_list(flatten=True), open(\"EXPORT.json\", \"w\"))")
+    print(f"then: labelwright import-review EXPORT.json --run-dir {run_dir}")
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -201,7 +301,6 @@ def _serve_command(args) -> None:
 
 
 def _llm_command(args) -> None:
-    import os
 
     from labelwright.cluster.embedded_llm import EmbeddedLLMConfig, serve_foreground
 
@@ -221,8 +320,11 @@ def _overrides(a: argparse.Namespace) -> dict:
     get = lambda name: getattr(a, name, None)  # noqa: E731 - not every command has every flag
     if a.command != "annotate":
         o = {"labels": get("labels"), "text_column": get("text_column"), "instruction": get("instruction"),
-             "controller": {"base_url": get("base_url"), "model": get("model")}, "embedded_llm": {"model": get("llm")},
-             "runtime": {"address": get("address")}}
+             "controller": {"base_url": get("base_url"), "model": get("model"), "mode": get("controller_mode")},
+             "embedded_llm": {"model": get("llm")}, "runtime": {"address": get("address")},
+             "seed": {"size": get("seed_size")}, "voting": {"reference_rows": get("reference_rows")},
+             "budget": {"max_llm_calls": get("max_llm_calls"), "human_cost_per_row": get("human_cost_per_row")},
+             "mode": get("mode")}
         return {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
                 for k, v in o.items()}
     o: dict = {
@@ -245,18 +347,27 @@ def _overrides(a: argparse.Namespace) -> dict:
     return {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v) for k, v in o.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
+    """Run one command; its exit status. ``own_process``: the process is the command's alone (the
+    ``labelwright`` script), so what Ray prints after a quiet job has ended may go to the run's log."""
     parser = argparse.ArgumentParser(prog="labelwright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _annotate_parser(sub)
+    _estimate_parser(sub)
     _plan_parser(sub)
     _zoo_parser(sub)
     _llm_parser(sub)
     _serve_parser(sub)
     _select_annotator_parser(sub)
+    _export_review_parser(sub)
+    _import_review_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "annotate":
+            if not args.verbose:
+                # Ray holds repeated worker lines back and prints them, counted, at shutdown: after the job has
+                # given the terminal back. Printed as they come, they land in the run's log with the rest.
+                os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             from labelwright.orchestrator.job import annotate
             from labelwright.orchestrator.spec import load_task
 
@@ -266,7 +377,14 @@ def main(argv: list[str] | None = None) -> int:
                 spec.planning.zoo_files += args.zoo
             annotate(args.input, spec=spec, output=Path(args.output), run_dir=args.run_dir, report_path=args.report,
                      output_format=args.format, limit=args.limit, fresh=args.fresh, plan_path=args.plan,
-                     retry_unresolved=args.retry_unresolved)
+                     retry_unresolved=args.retry_unresolved, quiet=not args.verbose)
+            if own_process and not args.verbose:
+                from labelwright.orchestrator.console import keep_in_log
+                from labelwright.orchestrator.job import default_run_dir
+
+                keep_in_log(Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.output)))
+        elif args.command == "estimate":
+            _estimate_command(args)
         elif args.command == "plan":
             _plan_command(args)
         elif args.command == "zoo":
@@ -283,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
                              task_path=args.task, limit=args.limit, log=_log)
         elif args.command == "serve":
             _serve_command(args)
+        elif args.command == "export-review":
+            _export_review_command(args)
+        elif args.command == "import-review":
+            from labelwright.orchestrator.review import import_review
+
+            import_review(args.file, run_dir=args.run_dir, tool=args.format)
     except LabelwrightError as exc:
         print(f"labelwright: error: {exc}", file=sys.stderr)
         return 2
@@ -340,5 +464,10 @@ def _zoo_command(args) -> None:
               f"{e.model}" + (f"  [not plannable: {ineligible(e, cfg)}]" if args.task and ineligible(e, cfg) else ""))
 
 
+def run() -> None:
+    """The ``labelwright`` script."""
+    sys.exit(main(own_process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

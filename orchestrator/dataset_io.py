@@ -185,6 +185,17 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def iter_texts(source: str | Path, text_column: str) -> Iterator[list[str]]:
+    """The texts of a CSV / JSONL / Parquet file (or a folder of them) a block at a time, decoded as staging
+    decodes them, without staging anything (what the estimate reads)."""
+    for file in _source_files(Path(source)):
+        for table in _READERS[input_format(file)](file):
+            if text_column not in table.column_names:
+                raise InputDataError(f"{file} has no column {text_column!r}; its columns are {table.column_names}; "
+                                     "pass --text-column")
+            yield [_decode(v)[0] for v in table.column(text_column).to_pylist()]
+
+
 # ---------------------------------------------------------------- staging
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,11 +22,14 @@ import pyarrow.parquet as pq
 
 from labelwright.orchestrator.bootstrap import build_seed
 from labelwright.orchestrator.cost import token_cost
+from labelwright.orchestrator.console import Progress, captured, say
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
+from labelwright.orchestrator.estimate import estimate, summary_line
 from labelwright.specialists.errors import ConfigError, ControllerError, InputDataError
 from labelwright.orchestrator.report import (
     CONTROLLER_DECIDED, accuracy, build_report, publish_report, sent_to_llm,
 )
+from labelwright.orchestrator.review import REVIEWS_FILE, apply_reviews, reviews_as_gold
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
     BUDGET_KEPT, BUDGET_SPENT, ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again,
@@ -35,8 +37,7 @@ from labelwright.orchestrator.stages import (
 )
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_log = say  # the job's lines: on the terminal, above the progress bar, and in the run's log file
 
 
 def default_run_dir(output: Path) -> Path:
@@ -64,7 +65,11 @@ def _task_fingerprint(spec: TaskSpec, input_path: Path, limit: int | None, plan_
 
 def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
     if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+        for path in run_dir.iterdir():  # all but the reviews people made (labelwright import-review): their work
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.name != REVIEWS_FILE:
+                path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "task.json"
     if path.is_file():
@@ -90,30 +95,6 @@ def _order_columns(df: pd.DataFrame, specialists: list[str], passthrough: list[s
     front = OUTPUT_FRONT + votes + OUTPUT_BACK + (["gold"] if "gold" in df.columns else [])
     rest = [c for c in df.columns if c not in front and c != "skip_reason"]
     return df[[c for c in front if c in df.columns] + rest]
-
-
-class _Progress:
-    def __init__(self, total: int, done: int, log: Callable[[str], None], every_s: float = 5.0):
-        self.total, self.done, self.log, self.every = total, done, log, every_s
-        self.start = time.monotonic()
-        self.first = done
-        self.last = 0.0
-        self.llm = 0
-        self.stage = 0
-
-    def update(self, rows: int, llm_rows: int, force: bool = False) -> None:
-        self.done += rows
-        self.llm += llm_rows
-        now = time.monotonic()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        rate = (self.done - self.first) / max(now - self.start, 1e-9)
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta = f"{left / 60:.1f} min" if left != float("inf") else "?"
-        new = max(1, self.done - self.first)
-        self.log(f"labelled {self.done}/{self.total} rows ({self.done / self.total:.0%}), {rate:.1f} rows/s, "
-                 f"LLM on {self.llm / new:.0%} of new rows, specialists at stage {self.stage}, ETA {eta}")
 
 
 def start_controller(spec: TaskSpec, log: Callable[[str], None] = _log):
@@ -155,6 +136,7 @@ def annotate(
     plan_path: str | Path | None = None,
     retry_unresolved: bool = False,
     log: Callable[[str], None] = _log,
+    quiet: bool = False,
 ) -> dict:
     """Label every row of ``input_path``; write ``output`` (and ``report_path``); return the report.
 
@@ -163,7 +145,21 @@ def annotate(
 
     The specialists come from ``plan_path`` (a plan file), else from the task's ``specialists`` list,
     else from a plan the controller makes now (``planning.mode``); the plan is saved next to the output.
+
+    ``quiet`` (the CLI's default; ``--verbose`` turns it off): Ray's and the libraries' output goes to
+    ``<run_dir>/logs/run.log`` instead of the terminal, which shows the job's own lines and its progress bar.
     """
+    input_path, output = Path(input_path), Path(output)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(output)
+    _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit, plan_path), fresh)
+    with captured(run_dir, enabled=quiet):
+        return _annotate(input_path, spec=spec, output=output, run_dir=run_dir, report_path=report_path,
+                         output_format=output_format, limit=limit, plan_path=plan_path,
+                         retry_unresolved=retry_unresolved, log=log)
+
+
+def _annotate(input_path: Path, *, spec: TaskSpec, output: Path, run_dir: Path, report_path, output_format,
+              limit, plan_path, retry_unresolved: bool, log: Callable[[str], None]) -> dict:
     from ray.data import DataContext
 
     from labelwright.cluster import runtime
@@ -173,9 +169,6 @@ def annotate(
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    input_path, output = Path(input_path), Path(output)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(output)
-    _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit, plan_path), fresh)
     log(f"run directory: {run_dir}")
 
     t = time.monotonic()
@@ -185,7 +178,10 @@ def annotate(
     )
     timings["stage_input"] = time.monotonic() - t
     log(f"input: {staged.n_rows} rows in {len(staged.shards)} shard(s)")
+    log(summary_line(estimate([s.path for s in staged.shards], spec, text_column="text")))
     gold_file_rows = _read_gold_file(spec)  # now: a bad file is an error before any model is trained or paid for
+    gold_file_rows, reviewed_rows = reviews_as_gold(gold_file_rows, run_dir, staged=staged, spec=spec, log=log,
+                                                    resumed=bool(_finished(staged, run_dir / "parts")))
 
     info = runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
     DataContext.get_current().enable_progress_bars = False  # the job prints its own progress
@@ -244,6 +240,7 @@ def annotate(
 
     t = time.monotonic()
     reference = _reference(spec, staged, seed, checkpoints, controller_cfg, gold_file_rows, run_dir=run_dir, log=log)
+    reference.exclude_rows |= reviewed_rows  # the rows people reviewed check the stages: never trained on
     timings["reference"] = time.monotonic() - t
     voting = spec.voting.resolved(measured=reference.measured,
                                   fallback=planned.plan.voting_rule if planned is not None else "unanimity")
@@ -530,6 +527,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     decided_reference = None
     if spec.stages.final_vote and (decisions := learning.reference_decisions()):
         df, decided_reference = _decide_reference_rows(df, decisions, learning.stage, log)
+    df, reviews = apply_reviews(df, run_dir, log=log)
     df = _order_columns(df, names, staged.passthrough)
     write_frame(df, output, output_format)
     wall = time.monotonic() - t0
@@ -547,14 +545,15 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
                "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan,
                "budget": _budget_block(df, spec),
-               **({"retried": retried} if retried is not None else {}), **extra},
+               **({"retried": retried} if retried is not None else {}),
+               **({"reviews": reviews} if reviews is not None else {}), **extra},
     )
     from labelwright.orchestrator.report import plot_stages
 
     base = Path(report_path) if report_path else output
     plot = plot_stages(stages_report, base.with_name(base.stem + ".stages.png"))
     report["stages"]["plot"] = str(plot)
-    return publish_report(report, report_path=report_path, output=output, log=log)
+    return publish_report(report, report_path=report_path, output=output, log=log, frame=df)
 
 
 def _budget_block(df: pd.DataFrame, spec) -> dict:
@@ -674,21 +673,26 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
     expected = {s.index: s.n_rows for s in todo}
     buffers: dict[int, list[pd.DataFrame]] = {i: [] for i in expected}
     have = {i: 0 for i in expected}
-    progress = _Progress(staged.n_rows, done_rows, log)
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        shard_of = [bisect.bisect_right(starts, r) - 1 for r in batch["row"]]
-        batch = batch.assign(_shard=shard_of)
-        for idx, part in batch.groupby("_shard"):
-            buffers[idx].append(part.drop(columns="_shard"))
-            have[idx] += len(part)
-            if have[idx] > expected[idx]:
-                raise InputDataError(f"internal check failed: shard {idx} produced {have[idx]} rows, expected {expected[idx]}")
-            if have[idx] == expected[idx]:
-                out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
-                write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
-        learning.observe(batch)
-        progress.stage = learning.stage
-        progress.update(len(batch), int(sent_to_llm(batch).sum()), force=progress.done + len(batch) == staged.n_rows)
+    budget_said = False
+    with Progress(staged.n_rows, done_rows) as progress:
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            shard_of = [bisect.bisect_right(starts, r) - 1 for r in batch["row"]]
+            batch = batch.assign(_shard=shard_of)
+            for idx, part in batch.groupby("_shard"):
+                buffers[idx].append(part.drop(columns="_shard"))
+                have[idx] += len(part)
+                if have[idx] > expected[idx]:
+                    raise InputDataError(f"internal check failed: shard {idx} produced {have[idx]} rows, "
+                                         f"expected {expected[idx]}")
+                if have[idx] == expected[idx]:
+                    out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
+                    write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
+            learning.observe(batch)
+            if not budget_said and (spent := batch["reason"].astype(str).str.startswith(BUDGET_SPENT)).any():
+                budget_said = True
+                log(f"budget reached: {batch['reason'][spent].iloc[0]}; the rows past it stay unresolved "
+                    "(retryable: raise the budget and run again with --retry-unresolved)")
+            progress.update(len(batch), int(sent_to_llm(batch).sum()), stage=learning.stage)
     missing = [i for i in expected if i in buffers]
     if missing:
         raise InputDataError(f"internal check failed: shards {missing} did not complete")

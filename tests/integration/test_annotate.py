@@ -16,6 +16,7 @@ from labelwright.orchestrator.job import annotate
 from labelwright.orchestrator.plan import load_plan
 from labelwright.orchestrator.spec import load_task
 from tests.conftest import movie_slice
+from tests.unit.test_report_html import page_of
 from tests.fake_openai import (FakeOpenAI, HTTPError, candidate_oracle, demonstrations, garbage, http_error,
                                last_fenced_text, oracle, script)
 
@@ -69,6 +70,11 @@ def test_every_row_once_with_provenance_then_resume(ray_cluster, movie, tmp_path
         assert sum(report["decided_by"].values()) == len(df)
         assert json.loads((tmp_path / "r.json").read_text())["gold"]["accuracy"] == report["gold"]["accuracy"]
         assert report["llm"]["calls"] == first_calls
+        # The HTML report beside it: parses, its plots embedded PNGs (who decided, stages, confidence, confusion
+        # matrix, cost), nothing fetched from elsewhere.
+        assert report["html"] == str(tmp_path / "r.html")
+        page = page_of(tmp_path / "r.html")
+        assert len(page.images) == 5 and {"Who decided", "Against gold", "Cost"} <= set(page.h2)
 
         # Kill simulation: one shard's output is lost; the rerun redoes only that shard.
         (tmp_path / "out.run" / "parts" / "part-00001.parquet").unlink()
@@ -387,7 +393,17 @@ def test_unreachable_endpoint_is_a_clear_error(ray_cluster, movie, tmp_path):
         annotate(path, spec=spec, output=tmp_path / "o.parquet")
 
 
-def test_cli_jsonl_with_empty_rows_and_bad_flags(ray_cluster, tmp_path, capsys, movie):
+def test_cli_jsonl_with_empty_rows_and_bad_flags_and_a_quiet_console(ray_cluster, tmp_path, capsys, movie):
+    """The real command in a process of its own, on the session's cluster. Without --verbose its stderr holds
+    labelwright's lines only (its progress as plain lines: stderr is a pipe here); Ray's lines are in the run's
+    log file."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import ray
+
     _, df = movie
     big = "a wonderful, moving film " * 42_000  # about 1 MB of text in one row
     rows = [{"text": t} for t in df["text"].head(60)] + [{"text": big}, {"text": ""}, {"text": "   "}]
@@ -405,8 +421,12 @@ def test_cli_jsonl_with_empty_rows_and_bad_flags(ray_cluster, tmp_path, capsys, 
             "specialists:\n  - {name: tfidf, kind: tfidf_linear}\n  - {name: probe, kind: embedding_linear}\n"
         )
         out = tmp_path / "o.jsonl"
-        assert main(["annotate", str(src), "--task", str(task), "--output", str(out),
-                     "--voting-rule", "majority"]) == 0
+        proc = subprocess.run(
+            [sys.executable, "-m", "labelwright.orchestrator.cli", "annotate", str(src), "--task", str(task),
+             "--output", str(out), "--voting-rule", "majority", "--address", ray.get_runtime_context().gcs_address],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     res = pd.read_json(out, lines=True)
     assert len(res) == 64 and res["row"].tolist() == list(range(64))
     assert "not valid UTF-8" in res.loc[5, "note"] and res.loc[5, "text"] == "caf\ufffd au lait, a fine film"
@@ -414,6 +434,16 @@ def test_cli_jsonl_with_empty_rows_and_bad_flags(ray_cluster, tmp_path, capsys, 
     assert len(res.loc[61, "text"]) == len(big) and res.loc[61, "label"] in ("positive", "negative")
     assert res.iloc[-2:]["decided_by"].tolist() == ["unresolved", "unresolved"]
     assert res.iloc[-2:]["reason"].tolist() == ["empty text", "empty text"]
+    # the console
+    said = proc.stderr.splitlines()
+    assert said[0].startswith("run directory:") and any(line.startswith("labelled 64/64 rows") for line in said)
+    ray_like = re.compile(r"\((raylet|MapWorker|ServeController|ServeReplica|ProxyActor)|core_worker|"
+                          r"streaming_executor|Loading weights| INFO | WARNING ")
+    assert not [line for line in said if ray_like.search(line)], proc.stderr
+    assert proc.stdout == ""
+    log = (tmp_path / "o.run" / "logs" / "run.log").read_text()
+    assert "labelwright: run directory:" in log and "labelwright: labelled 64/64 rows" in log
+    assert ray_like.search(log), "Ray's own lines belong in the run's log"
     # bad input: a clear message and exit code 2, not a traceback
     assert main(["annotate", str(src), "--labels", "only", "--output", str(tmp_path / "x.parquet")]) == 2
     assert "at least 2" in capsys.readouterr().err
@@ -556,6 +586,8 @@ def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larg
         assert Path(report["active"]["plot"]).is_file()  # the learning curve, measured on the gold file's rows
         assert any(r.get("check_accuracy") is not None for r in report["active"]["rounds"])
         assert report["gold"]["accuracy"] > 0.5
+        page = page_of(tmp_path / "r.html")  # the HTML report: the rounds in place of the stages; no price, no cost plot
+        assert "Active mode: rounds (no stages in this mode)" in page.h2 and len(page.images) == 4
 
         first = set(bought["row"])
         assert main(args + ["--max-llm-calls", "36"]) == 0  # same run directory: the rounds go on
@@ -563,3 +595,59 @@ def test_active_mode_buys_within_budget_labels_every_row_and_goes_on_with_a_larg
         assert server.chat_calls == 36  # 12 new answers, none bought twice
         now = set(again.loc[again["decided_by"] == "controller", "row"])
         assert first < now and len(now) == 36 and again["row"].is_unique
+
+
+def test_reviews_from_label_studio_decide_their_rows_and_are_gold_rows_of_the_next_run(ray_cluster, movie, tmp_path,
+                                                                                      capsys):
+    """People review hard rows in Label Studio (issue 19, item 4). The same command again writes their labels
+    (decided_by: human, labelwright's answers kept beside them) without asking the controller anything; the run
+    started over (--fresh keeps the reviews) takes them as gold reference rows, like a gold file's."""
+    path, df = movie
+    truth = dict(zip(df["text"], df["label"]))
+    flip = {"positive": "negative", "negative": "positive"}
+    with FakeOpenAI(oracle(truth)) as server:
+        spec = spec_for(server, gold_column=None, seed={"size": 20}, stages={"enabled": False, "min_check_rows": 10},
+                        voting={"route": "measured", "reference_rows": 20})  # an audit: no gold column
+        out = tmp_path / "out.parquet"
+        annotate(path, spec=spec, output=out, limit=80)
+        review = tmp_path / "review.json"
+        assert main(["export-review", str(out), "--format", "label-studio", "--rows", "hard", "--limit", "13",
+                     "--output", str(review)]) == 0
+        tasks = json.loads(review.read_text())
+        assert len(tasks) == 13 and (tmp_path / "review.label_config.xml").is_file()
+        # Label Studio's JSON export once people answered: the first three against the controller, one skipped
+        said = {}
+        for n, task in enumerate(tasks, start=1):
+            gold = truth[task["data"]["text"]]
+            label = said[task["data"]["labelwright_id"]] = flip[gold] if n <= 3 else gold
+            task.update(id=n, annotations=[{
+                "id": n, "completed_by": 1, "was_cancelled": n == 13, "created_at": "2024-05-02T10:00:00Z",
+                "updated_at": "2024-05-02T10:00:00Z", "lead_time": 3.1, "task": n,
+                "result": [] if n == 13 else [{"id": f"r{n}", "from_name": "label", "to_name": "text",
+                                               "type": "choices", "value": {"choices": [label]}, "origin": "manual"}]}])
+        said.pop(tasks[-1]["data"]["labelwright_id"])
+        exported = tmp_path / "project-1-at-2024-05-02.json"
+        exported.write_text(json.dumps(tasks))
+        assert main(["import-review", str(exported), "--run-dir", str(tmp_path / "out.run")]) == 0
+        assert "12 reviewed" in capsys.readouterr().out
+
+        calls = server.chat_calls
+        report = annotate(path, spec=spec, output=out, limit=80)  # the same command: the output takes the reviews
+        assert server.chat_calls == calls
+        res = pd.read_parquet(out).set_index("id")
+        human = res[res["decided_by"] == "human"]
+        assert human["label"].to_dict() == said and report["decided_by"]["human"] == 12
+        assert (human["machine_label"] == human["text"].map(truth)).all()  # the oracle controller's answers
+        assert set(human["machine_decided_by"]) <= {"controller", "consensus", "combined", "specialists"}
+        assert report["reviews"]["rows"] == 12 and report["reviews"]["changed"] == 3
+        assert report["reference"]["source"] == "audit"  # a resumed run keeps the reference it routed by
+
+        # started over: the reviews are gold rows now
+        report = annotate(path, spec=spec, output=out, limit=80, fresh=True)
+    assert (tmp_path / "out.run" / "reviews.parquet").is_file()
+    ref = report["reference"]
+    assert ref["source"] == "gold file" and ref["asked"] == 12 and ref["in_input"] is False
+    assert ref["trained_on"] == 12  # the linear specialists learned from them, cross-fitted
+    res = pd.read_parquet(out).set_index("id")
+    assert res.loc[res["decided_by"] == "human", "label"].to_dict() == said
+    assert len(res) == 80 and report["decided_by"]["human"] == 12
