@@ -153,9 +153,12 @@ def annotate(
     run_dir = Path(run_dir) if run_dir else default_run_dir(output)
     _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit, plan_path), fresh)
     with captured(run_dir, enabled=quiet):
-        return _annotate(input_path, spec=spec, output=output, run_dir=run_dir, report_path=report_path,
-                         output_format=output_format, limit=limit, plan_path=plan_path,
-                         retry_unresolved=retry_unresolved, log=log)
+        _attempt_started(run_dir)
+        report = _annotate(input_path, spec=spec, output=output, run_dir=run_dir, report_path=report_path,
+                           output_format=output_format, limit=limit, plan_path=plan_path,
+                           retry_unresolved=retry_unresolved, log=log)
+        _attempt_ended(run_dir)
+        return report
 
 
 def _annotate(input_path: Path, *, spec: TaskSpec, output: Path, run_dir: Path, report_path, output_format,
@@ -543,7 +546,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                              **({"decided": decided_reference} if decided_reference else {})},
                "specialists": {n: learning.deployed[n] for n in names},
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
-               "resumed_shards": len(done_shards), "stages": stages_report, "plan": plan,
+               "resumed_shards": len(done_shards), "attempts": _attempt_ended(run_dir),
+               "stages": stages_report, "plan": plan,
                "budget": _budget_block(df, spec),
                **({"retried": retried} if retried is not None else {}),
                **({"reviews": reviews} if reviews is not None else {}), **extra},
@@ -563,6 +567,45 @@ def _budget_block(df: pd.DataFrame, spec) -> dict:
     kept = reasons.str.startswith(BUDGET_KEPT)
     return {**spec.budget.model_dump(), "rows_past_budget": int(past.sum()),
             "rows_kept_for_less_confident": int(kept.sum())}
+
+
+ATTEMPTS_FILE = "attempts.json"
+
+
+def _attempts(run_dir: Path) -> dict:
+    path = run_dir / ATTEMPTS_FILE
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return {"attempts": 0, "ended": 0, "interrupted": 0, "rows_revoted": 0, "in_flight": 0, **old}
+
+
+def _save_attempts(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / (ATTEMPTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(run_dir / ATTEMPTS_FILE)
+
+
+def _attempt_started(run_dir: Path) -> None:
+    """One more attempt at this run directory. The rows the last one labelled but had not yet written when it
+    stopped (a kill) are lost with it and voted again by this one: counted."""
+    state = _attempts(run_dir)
+    state.update(attempts=state["attempts"] + 1, interrupted=state["interrupted"] + (state["ended"] < state["attempts"]),
+                 rows_revoted=state["rows_revoted"] + state["in_flight"], in_flight=0)
+    _save_attempts(run_dir, state)
+
+
+def _rows_in_flight(run_dir: Path, rows: int) -> None:
+    """Rows labelled by this attempt and not yet in a written part (a kill now would lose them)."""
+    state = _attempts(run_dir)
+    if state["in_flight"] != rows:
+        _save_attempts(run_dir, {**state, "in_flight": rows})
+
+
+def _attempt_ended(run_dir: Path) -> dict:
+    """This attempt ran to its end; what the report says of the attempts so far (``attempts``)."""
+    state = _attempts(run_dir)
+    state.update(ended=state["attempts"], in_flight=0)
+    _save_attempts(run_dir, state)
+    return {k: state[k] for k in ("attempts", "interrupted", "rows_revoted")}
 
 
 def _finished(staged: StagedInput, parts_dir: Path) -> set[int]:
@@ -687,6 +730,7 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
                 if have[idx] == expected[idx]:
                     out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
                     write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
+            _rows_in_flight(parts_dir.parent, sum(have[i] for i in buffers))
             learning.observe(batch)
             if not budget_said and (spent := batch["reason"].astype(str).str.startswith(BUDGET_SPENT)).any():
                 budget_said = True

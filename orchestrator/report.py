@@ -213,6 +213,11 @@ def summary(report: dict) -> str:
         f"time: {report['wall_s']:.1f} s wall, {report['rows_per_s'] or 0:.2f} rows/s overall, "
         f"{report['labelling_rows_per_s'] or 0:.2f} rows/s while labelling",
     ]
+    tries = report.get("attempts") or {}
+    if tries.get("interrupted"):
+        lines.append(f"attempts: {tries['attempts']} at this run directory, {tries['interrupted']} of them stopped "
+                     f"before the end; {tries['rows_revoted']} rows labelled but not yet written when one stopped "
+                     "were voted again (answers bought before are in the controller's cache)")
     seed = report.get("seed")
     if seed and not seed.get("from_input", True):
         lines.append(f"seed: {seed['rows']} rows labelled ({seed['source']}) from a separate pool, "

@@ -117,8 +117,10 @@ def test_killed_while_seeding_then_the_same_command_buys_no_seed_answer_twice(ra
             bought = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
         in_flight = asked_before - bought  # sent, their answers never stored
         assert 10 <= bought < 40 and 0 <= in_flight <= 2 * 4
-        annotate(path, spec=load_task(task_file), output=out)
+        report = annotate(path, spec=load_task(task_file), output=out)
         texts = [last_fenced_text(r) for r in server.requests]
+    # the report counts the attempt the kill stopped; it had labelled no row yet
+    assert report["attempts"] == {"attempts": 2, "interrupted": 1, "rows_revoted": 0}
     res = pd.read_parquet(out)
     assert res["row"].tolist() == list(range(len(df)))
     seed = pd.read_parquet(run_dir / "seed" / "seed.parquet")
@@ -151,6 +153,10 @@ def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(
                           report_path=report_path)
         res = pd.read_parquet(out)
         assert res["row"].tolist() == list(range(len(df)))
+        # the report counts the killed attempt and the rows it had labelled but not written: voted again now
+        tries = report["attempts"]
+        assert tries["attempts"] == 2 and tries["interrupted"] == 1
+        assert len(set(before["row"]) - finished) <= tries["rows_revoted"] <= len(df) - len(finished)
         stages = report["stages"]["stages"]
         assert len(stages) >= 2 and [s["stage"] for s in stages] == list(range(len(stages)))
         # later batches were voted by a later stage's specialists, wherever one was swapped in with half the rows

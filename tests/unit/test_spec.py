@@ -129,3 +129,17 @@ def test_a_dollar_budget_needs_prices_and_the_pipeline():
     assert TaskSpec(labels=["a", "b"], budget={"max_cost_usd": 5}, controller=priced).budget.max_cost_usd == 5
     with pytest.raises(ValueError, match=r"active mode spends budget.max_llm_calls"):
         TaskSpec(labels=["a", "b"], mode="active", budget={"max_llm_calls": 9, "max_cost_usd": 5}, controller=priced)
+
+
+def test_attempts_at_a_run_directory_count_the_stopped_ones_and_the_rows_they_lost(tmp_path):
+    from labelwright.orchestrator.job import _attempt_ended, _attempt_started, _rows_in_flight
+
+    _attempt_started(tmp_path)
+    _rows_in_flight(tmp_path, 64)
+    _rows_in_flight(tmp_path, 30)  # a shard was written: its rows are safe
+    # killed here: the next attempt votes the 30 rows again
+    _attempt_started(tmp_path)
+    _rows_in_flight(tmp_path, 10)
+    assert _attempt_ended(tmp_path) == {"attempts": 2, "interrupted": 1, "rows_revoted": 30}
+    _attempt_started(tmp_path)  # the same command once more: nothing stopped since
+    assert _attempt_ended(tmp_path) == {"attempts": 3, "interrupted": 1, "rows_revoted": 30}
