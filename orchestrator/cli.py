@@ -205,7 +205,8 @@ def _export_review_parser(sub) -> None:
     p.add_argument("--format", required=True, choices=["label-studio", "argilla"], help="the tool to review in")
     p.add_argument("--rows", default="hard", choices=["hard", "low-confidence", "disagreement", "all"],
                    help="hard (default): rows the specialists did not settle; low-confidence: the least confident "
-                        "(needs --limit); disagreement: rows the specialists or the controller disagree on; all")
+                        "of every decider (needs --limit; measured to fix the most errors a reviewed row, README); "
+                        "disagreement: rows the specialists or the controller disagree on; all")
     p.add_argument("--limit", type=int, help="at most N rows, the most doubtful first")
     p.add_argument("--output", "-o", dest="dest", required=True, help="file to write (.json)")
     p.add_argument("--run-dir", help="the run directory of OUTPUT, for its label set (default: OUTPUT.run)")
