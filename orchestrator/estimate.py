@@ -7,8 +7,9 @@ provider's bill). Two figures follow: every row sent to the controller, and the 
 reference rows and the share of the other rows it expects to be hard), each priced at the task's
 ``controller.price_*_per_1k`` and set against people labelling every row (``budget.human_cost_per_row``).
 
-The hard share is the one figure that cannot be known before the specialists are trained; it is an assumption,
-stated as such, unless ``--hard-share`` gives one.
+The hard share is the one figure that cannot be known before the specialists are trained: where the task names
+specialists that work untrained (zero-shot kinds), it is what they leave to the controller on the sample; else an
+assumption, stated as such; ``--hard-share`` gives one.
 """
 
 from __future__ import annotations
@@ -106,6 +107,26 @@ def _sample(sources: Iterable[str | Path], text_column: str, *, limit: int | Non
     return rows, votable, sample
 
 
+def zero_shot_hard_share(texts: Sequence[str], spec: TaskSpec) -> tuple[float, str] | None:
+    """The share of ``texts`` the task's specialists that work untrained (the zero-shot kinds, used as shipped)
+    leave to the controller under the voting rule, and what it rests on; None where the task names none."""
+    import numpy as np
+
+    from labelwright.orchestrator.voting import get_rule
+    from labelwright.specialists.registry import build_specialist, specialist_class
+
+    ready = [s for s in spec.specialists if not specialist_class(s.kind).trainable]
+    if not ready or not texts:
+        return None
+    probs = np.stack([build_specialist(s, spec.label_names).predict_proba(list(texts)) for s in ready])
+    rule = spec.voting.rule if spec.voting.rule in ("unanimity", "majority", "confidence_weighted") else "unanimity"
+    votes = get_rule(rule)(probs, threshold=spec.voting.threshold or 0.0)
+    return float(votes.hard.mean()), (
+        f"measured: what {', '.join(s.name for s in ready)} (zero-shot, untrained) leave under {rule} on "
+        f"{len(texts)} sampled rows; trained specialists settle more, routing by measured correctness may settle "
+        "fewer")
+
+
 def _spend(rows: int, seed_rows: int, prompt: float, seed_prompt: float, completion: float, spec: TaskSpec) -> Spend:
     c = spec.controller
     priced = c.price_prompt_per_1k > 0 or c.price_completion_per_1k > 0
@@ -165,10 +186,15 @@ def estimate(sources: Sequence[str | Path], spec: TaskSpec, *, text_column: str 
             if not planned.voting.gold_file:  # an audit or the input's gold rows: a capped share of the input
                 reference_rows = min(reference_rows, int(votable * MAX_AUDIT_SHARE))
         rest = max(0, votable - seed_rows - (0 if planned.voting.gold_file else reference_rows))
-        share = ASSUMED_HARD_SHARE if hard_share is None else hard_share
-        source = ("given (--hard-share)" if hard_share is not None else
-                  f"assumed: {ASSUMED_HARD_SHARE:.0%} of the other rows; measured 25% to 100% on the shared "
-                  "datasets, 100% where the specialists are far below the controller (pass --hard-share)")
+        zero_shot = None if hard_share is not None else zero_shot_hard_share(texts, spec)
+        if hard_share is not None:
+            share, source = hard_share, "given (--hard-share)"
+        elif zero_shot is not None:
+            share, source = zero_shot
+        else:
+            share = ASSUMED_HARD_SHARE
+            source = (f"assumed: {ASSUMED_HARD_SHARE:.0%} of the other rows; measured 25% to 100% on the shared "
+                      "datasets, 100% where the specialists are far below the controller (pass --hard-share)")
         hard = round(rest * share)
         if spec.budget.max_llm_calls is not None:
             left = max(0, spec.budget.max_llm_calls - seed_rows - reference_rows)
@@ -224,5 +250,5 @@ def summary_line(est: Estimate) -> str:
             f", {_money(s.cost_usd)}" if s.cost_usd is not None else "")
 
     return (f"estimate: every row by the controller {part(est.all_rows)}; the pipeline about {part(est.pipeline)} "
-            f"(hard share {est.hard_share:.0%}, {'assumed' if est.hard_share_source.startswith('assumed') else 'given'}; "
+            f"(hard share {est.hard_share:.0%}, {est.hard_share_source.split(':')[0].split(' ')[0]}; "
             f"counted with {est.tokenizer.split(' ')[0]})")

@@ -132,3 +132,17 @@ def test_seed_rows_are_counted_without_demonstrations(rows):
     p = est.pipeline
     want = est.seed_rows * est.prompt_tokens_per_seed_row + est.reference_rows * est.prompt_tokens_per_row
     assert p.rows == 140 and p.prompt_tokens == pytest.approx(want, abs=0.05 * 140)  # per-row means are rounded
+
+
+def test_zero_shot_specialists_of_the_task_measure_the_hard_share_on_the_sample(datasets_dir, tmp_path):
+    data = pd.read_csv(datasets_dir / "movie_sentiment" / "test.csv").head(60)
+    path = tmp_path / "movie.csv"
+    data[["text"]].to_csv(path, index=False)
+    spec = spec_for(specialists=[{"name": "zs", "kind": "embedding_zero_shot"}], voting={"threshold": 0.6})
+    est = estimate([path], spec, tokenizer=WORDS)
+    assert est.hard_share_source.startswith("measured") and "zs" in est.hard_share_source
+    assert 0.0 < est.hard_share < 1.0
+    assert est.hard_rows == round((60 - est.seed_rows - est.reference_rows) * est.hard_share)
+    # a trainable specialist cannot say anything before it is trained: the assumption stands
+    spec = spec_for(specialists=[{"name": "tfidf", "kind": "tfidf_linear"}])
+    assert estimate([path], spec, tokenizer=WORDS).hard_share_source.startswith("assumed")
