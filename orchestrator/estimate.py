@@ -138,8 +138,10 @@ def _spend(rows: int, seed_rows: int, prompt: float, seed_prompt: float, complet
 
 def estimate(sources: Sequence[str | Path], spec: TaskSpec, *, text_column: str | None = None,
              limit: int | None = None, hard_share: float | None = None, tokenizer: tuple[Any, str] | None = None,
-             sample_rows: int = SAMPLE_ROWS, seed: int = 0) -> Estimate:
-    """The estimate for the rows of ``sources`` (input files, or a run's staged shards) under ``spec``."""
+             sample_rows: int = SAMPLE_ROWS, seed: int = 0, zero_shot: bool = True) -> Estimate:
+    """The estimate for the rows of ``sources`` (input files, or a run's staged shards) under ``spec``;
+    ``zero_shot=False`` keeps the task's zero-shot specialists from running on the sample (a run's first line:
+    it is about to run them on every row anyway)."""
     if hard_share is not None and not 0.0 <= hard_share <= 1.0:
         from labelwright.specialists.errors import ConfigError
 
@@ -186,11 +188,11 @@ def estimate(sources: Sequence[str | Path], spec: TaskSpec, *, text_column: str 
             if not planned.voting.gold_file:  # an audit or the input's gold rows: a capped share of the input
                 reference_rows = min(reference_rows, int(votable * MAX_AUDIT_SHARE))
         rest = max(0, votable - seed_rows - (0 if planned.voting.gold_file else reference_rows))
-        zero_shot = None if hard_share is not None else zero_shot_hard_share(texts, spec)
+        measured = zero_shot_hard_share(texts, spec) if zero_shot and hard_share is None else None
         if hard_share is not None:
             share, source = hard_share, "given (--hard-share)"
-        elif zero_shot is not None:
-            share, source = zero_shot
+        elif measured is not None:
+            share, source = measured
         else:
             share = ASSUMED_HARD_SHARE
             source = (f"assumed: {ASSUMED_HARD_SHARE:.0%} of the other rows; measured 25% to 100% on the shared "

@@ -181,7 +181,7 @@ def _annotate(input_path: Path, *, spec: TaskSpec, output: Path, run_dir: Path, 
     )
     timings["stage_input"] = time.monotonic() - t
     log(f"input: {staged.n_rows} rows in {len(staged.shards)} shard(s)")
-    log(summary_line(estimate([s.path for s in staged.shards], spec, text_column="text")))
+    log(summary_line(estimate([s.path for s in staged.shards], spec, text_column="text", zero_shot=False)))
     gold_file_rows = _read_gold_file(spec)  # now: a bad file is an error before any model is trained or paid for
     gold_file_rows, reviewed_rows = reviews_as_gold(gold_file_rows, run_dir, staged=staged, spec=spec, log=log,
                                                     resumed=bool(_finished(staged, run_dir / "parts")))
