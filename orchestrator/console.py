@@ -51,6 +51,13 @@ def log_path(run_dir: Path) -> Path:
     return Path(run_dir) / "logs" / LOG_NAME
 
 
+def _point_at(log: IO[str]) -> None:
+    """Descriptors 1 and 2, and the sys streams, write to ``log`` from now on."""
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+
+
 @contextlib.contextmanager
 def captured(run_dir: Path, *, enabled: bool = True) -> Iterator[Path]:
     """For the length of the block, everything but labelwright's own lines goes to ``<run_dir>/logs/run.log``
@@ -73,10 +80,8 @@ def captured(run_dir: Path, *, enabled: bool = True) -> Iterator[Path]:
             # The terminal is a copy of descriptor 2 made before it is pointed at the file.
             terminal = os.fdopen(os.dup(2), "w", encoding="utf-8", errors="replace", buffering=1)
             saved_fds = (os.dup(1), os.dup(2))
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
             saved_sys = (sys.stdout, sys.stderr)
-            sys.stdout = sys.stderr = log
+            _point_at(log)
             _terminal = terminal
     try:
         yield path
@@ -99,10 +104,7 @@ def keep_in_log(run_dir: Path) -> None:
     the job has ended well: nothing is said after it."""
     sys.stdout.flush()
     sys.stderr.flush()
-    log = open(log_path(run_dir), "a", encoding="utf-8", errors="replace", buffering=1)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
+    _point_at(open(log_path(run_dir), "a", encoding="utf-8", errors="replace", buffering=1))
 
 
 class Progress:
@@ -152,15 +154,17 @@ class Progress:
             if exc[0] is None:
                 self._line(time.monotonic())  # the bar goes; its last figures stay, as a line, in the log too
 
+    def _rate(self, now: float) -> float:
+        return (self.done - self.first) / max(now - self.start, 1e-9)
+
     def _fields(self, now: float) -> dict:
         new = self.done - self.first
-        rate = new / max(now - self.start, 1e-9)
-        return {"rate": f"{rate:.1f}", "llm": f"{self.llm / max(1, new):.0%}" if new else "-",
+        return {"rate": f"{self._rate(now):.1f}", "llm": f"{self.llm / max(1, new):.0%}" if new else "-",
                 "stage": self.stage}
 
     def _line(self, now: float) -> None:
         f = self._fields(now)
-        rate = float(f["rate"])
+        rate = self._rate(now)
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = f"{left / 60:.1f} min" if left != float("inf") else "?"
         say(f"labelled {self.done}/{self.total} rows ({self.done / max(1, self.total):.0%}), {f['rate']} rows/s, "

@@ -595,9 +595,7 @@ def _attempt_started(run_dir: Path) -> None:
 
 def _rows_in_flight(run_dir: Path, rows: int) -> None:
     """Rows labelled by this attempt and not yet in a written part (a kill now would lose them)."""
-    state = _attempts(run_dir)
-    if state["in_flight"] != rows:
-        _save_attempts(run_dir, {**state, "in_flight": rows})
+    _save_attempts(run_dir, {**_attempts(run_dir), "in_flight": rows})
 
 
 def _attempt_ended(run_dir: Path) -> dict:
@@ -717,6 +715,7 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
     buffers: dict[int, list[pd.DataFrame]] = {i: [] for i in expected}
     have = {i: 0 for i in expected}
     budget_said = False
+    in_flight = 0
     with Progress(staged.n_rows, done_rows) as progress:
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             shard_of = [bisect.bisect_right(starts, r) - 1 for r in batch["row"]]
@@ -730,7 +729,9 @@ def _write_parts(ds, staged: StagedInput, todo, parts_dir: Path, *, done_rows: i
                 if have[idx] == expected[idx]:
                     out = pd.concat(buffers.pop(idx), ignore_index=True).sort_values("row")
                     write_frame(out, parts_dir / f"part-{idx:05d}.parquet", "parquet")
-            _rows_in_flight(parts_dir.parent, sum(have[i] for i in buffers))
+            if (now := sum(have[i] for i in buffers)) != in_flight:  # the file is touched only when it changes
+                in_flight = now
+                _rows_in_flight(parts_dir.parent, in_flight)
             learning.observe(batch)
             if not budget_said and (spent := batch["reason"].astype(str).str.startswith(BUDGET_SPENT)).any():
                 budget_said = True
