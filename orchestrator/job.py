@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from labelwright.orchestrator.bootstrap import build_seed
+from labelwright.orchestrator.budget import BUDGET_KEPT, BUDGET_SPENT, Budget, shared_budget
 from labelwright.orchestrator.cost import token_cost
 from labelwright.orchestrator.console import Progress, captured, say
 from labelwright.orchestrator.dataset_io import StagedInput, stage_input, write_frame
@@ -32,7 +33,7 @@ from labelwright.orchestrator.report import (
 from labelwright.orchestrator.review import REVIEWS_FILE, apply_reviews, reviews_as_gold
 from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.stages import (
-    BUDGET_KEPT, BUDGET_SPENT, ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again,
+    ControllerSettings, ControllerStage, LabelStage, VoteSettings, VoteStage, ask_again,
     combined_decision, demonstration_embeddings,
 )
 
@@ -462,24 +463,24 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     n_ctrl = spec.runtime.controller_actors
 
     def label(ds, *, retry: bool = False):
-        # The budget left is what the finished shards and the answers asked up front have not spent, shared
-        # between the controller actors.
         used_calls, prompt, completion = _usage_so_far(parts_dir, _finished(staged, parts_dir), asked_up_front)
         budget = spec.budget
         seed_answers, reference_answers = seed.answers, reference.answers
         if retry:  # the failed answers bought up front: their spend is in the rows written the first time
             seed_answers = {k: a for k, a in seed_answers.items() if not ask_again(a)}
             reference_answers = {k: a for k, a in reference_answers.items() if not ask_again(a)}
+        # What the finished shards and the answers asked up front have not spent: one ledger for every
+        # controller actor. A retry asks its rows in order; a run spends the budget on the least confident hard rows.
+        left = Budget(max_calls=_left(budget.max_llm_calls, used_calls), max_tokens=_left(budget.max_llm_tokens,
+                      prompt + completion), max_cost_usd=_left(budget.max_cost_usd, token_cost(
+                          prompt, completion, price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
+                          price_completion_per_1k=controller_cfg.price_completion_per_1k)),
+                      price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
+                      price_completion_per_1k=controller_cfg.price_completion_per_1k,
+                      rows_expected=None if retry else sum(s.n_rows for s in todo))
         ctrl = _controller_settings(
             spec, controller_cfg, seed, reference, seed_answers=seed_answers, reference_answers=reference_answers,
-            max_calls=_share(budget.max_llm_calls, used_calls, n_ctrl),
-            max_tokens=_share(budget.max_llm_tokens, prompt + completion, n_ctrl),
-            max_cost_usd=_share(budget.max_cost_usd, token_cost(
-                prompt, completion, price_prompt_per_1k=controller_cfg.price_prompt_per_1k,
-                price_completion_per_1k=controller_cfg.price_completion_per_1k), n_ctrl),
-            # a retry asks its rows in order; a run spends the budget on the least confident hard rows
-            rows_expected=None if retry else -(-sum(s.n_rows for s in todo) // n_ctrl),
-        )
+            budget=shared_budget(left, n_ctrl))
         # Blocks of one batch each (a streaming repartition): the driver sees every batch as soon as it is
         # labelled, which is what progress, the stage trigger and the swap act on.
         ds = ds.repartition(target_num_rows_per_block=spec.runtime.vote_batch_size)
@@ -610,12 +611,9 @@ def _finished(staged: StagedInput, parts_dir: Path) -> set[int]:
     return {s.index for s in staged.shards if (parts_dir / f"part-{s.index:05d}.parquet").is_file()}
 
 
-def _share(limit: int | float | None, used: int | float, n: int) -> int | float | None:
-    """An actor's share of what is left of a budget: whole calls or tokens, or dollars (a float limit)."""
-    if limit is None:
-        return None
-    left = max(0, limit - used)
-    return left // n if isinstance(limit, int) else left / n
+def _left(limit: int | float | None, used: int | float) -> int | float | None:
+    """What is left of a budget (calls, tokens or dollars); None: no limit."""
+    return None if limit is None else max(0, limit - used)
 
 
 def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -> tuple[int, int, int]:

@@ -12,22 +12,19 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from labelwright.cluster.deploy import predict_all
 from labelwright.orchestrator.acquisition import nearest
-from labelwright.orchestrator.cost import token_cost
+from labelwright.orchestrator.budget import BUDGET_KEPT, BUDGET_SPENT, Budget
 from labelwright.orchestrator.voting import (
     Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, top_candidates,
 )
 
 
-# The reasons a budget gives a row it leaves unresolved begin so (the report counts them by these).
-BUDGET_SPENT = "LLM budget exhausted"
-BUDGET_KEPT = "LLM budget kept for less confident rows"
 DOUBT_WINDOW = 20000  # hard rows whose vote confidence the budget's selection compares a row with
 DEMONSTRATION_ENCODER = "minilm"  # what the controller's demonstrations are found with (the bank's embeddings)
 
@@ -165,11 +162,9 @@ class ControllerSettings:
     encoder_model: str = DEMONSTRATION_ENCODER
     seed_answers: dict = field(default_factory=dict)  # row id -> answer dict for rows labelled while seeding
     reference_answers: dict = field(default_factory=dict)  # row id -> answer dict for the reference rows
-    max_calls: int | None = None  # remaining budget for this actor
-    # rows this actor is expected to see (with max_calls: the budget goes to the least confident hard rows)
-    rows_expected: int | None = None
-    max_tokens: int | None = None
-    max_cost_usd: float | None = None  # at the controller's prices
+    # What the controller may spend while labelling: a Budget, or the Ray actor of one that several controller
+    # actors share (budget.shared_budget); None: no limit.
+    budget: Any = None
     endpoint_down_after: int | None = 16  # consecutive endpoint failures that stop the job (None: never)
 
 
@@ -196,34 +191,26 @@ class ControllerStage:
         self.demonstrating = (config.num_demonstrations > 0 and settings.demo_embeddings is not None
                               and len(settings.demo_texts) > 0)
         self._encoder = None  # built on the first row that came without its embedding
-        self.calls = self.prompt_tokens = self.completion_tokens = 0
+        self.budget = settings.budget if settings.budget is not None else Budget()
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
-        self.rows_seen = self.asked = 0
-        self.reserved = 0  # rows started and not yet answered: one call each, counted against the budget
         # 1 - vote confidence of the latest hard rows (the budget's selection; a window, as a stage swap changes
         # the confidences' scale)
         self.doubts: deque[float] = deque(maxlen=DOUBT_WINDOW)
-        self.hard_seen = 0
         # Ray Data may run several batches in this actor at once (runtime.controller_batches): one slow batch
-        # then holds up no other. The counters above are shared between them.
+        # then holds up no other. The budget (when it lives here) and the counters above are shared between them.
         self._lock = threading.RLock()
         self._encoding = threading.Lock()  # one encoder, one batch at a time: its tokenizer is not thread-safe
 
-    def _budget_left(self) -> str | None:
-        if self.s.max_calls is not None and self.calls + self.reserved >= self.s.max_calls:
-            return f"{BUDGET_SPENT} (budget.max_llm_calls)"
-        # Rows started and not yet answered count at the mean of those answered (nothing before the first answer).
-        scale = 1 + (self.reserved / self.asked if self.asked else 0.0)
-        tokens = self.prompt_tokens + self.completion_tokens
-        if self.s.max_tokens is not None and tokens * scale >= self.s.max_tokens:
-            return f"{BUDGET_SPENT} (budget.max_llm_tokens)"
-        if self.s.max_cost_usd is not None:
-            cost = token_cost(self.prompt_tokens, self.completion_tokens,
-                              price_prompt_per_1k=self.config.price_prompt_per_1k,
-                              price_completion_per_1k=self.config.price_completion_per_1k)
-            if cost * scale >= self.s.max_cost_usd:
-                return f"{BUDGET_SPENT} (budget.max_cost_usd)"
-        return None
+    def _spend(self, method: str, *args, wait: bool = True):
+        """Call the budget's ``method``, here or on the budget's own actor (``wait=False``: without waiting for it;
+        Ray runs one caller's calls to an actor in the order they were made)."""
+        if isinstance(self.budget, Budget):
+            with self._lock:
+                return getattr(self.budget, method)(*args)
+        import ray
+
+        ref = getattr(self.budget, method).remote(*args)
+        return ray.get(ref) if wait else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.reset_index(drop=True)
@@ -253,9 +240,7 @@ class ControllerStage:
                 res["confidence"][i] = batch.at[i, "vote_confidence"]
             else:
                 ask.append(i)
-        with self._lock:
-            self.rows_seen += n
-            ask = self._worth_asking(batch, ask, res)
+        ask = self._worth_asking(batch, n, ask, res)
         if ask:
             self._ask(batch, ask, res)
         for i, a in earlier.items():  # the row carries what was spent on it up front too
@@ -266,25 +251,23 @@ class ControllerStage:
             batch[c] = values
         return batch.drop(columns=[c for c in INTERNAL_COLUMNS if c in batch.columns])
 
-    def _worth_asking(self, batch: pd.DataFrame, rows: list[int], res: dict) -> list[int]:
-        """The hard ``rows`` the budget is spent on: all of them while it lasts for every hard row expected;
-        else those whose vote is least confident (stream-based selective sampling: a row is asked when its
-        doubt, 1 - vote confidence, is above the quantile of the hard rows seen so far that the budget left
-        covers, at the hard-row rate so far). The others are unresolved and retryable."""
-        if self.s.max_calls is None or not self.s.rows_expected or not rows:
+    def _worth_asking(self, batch: pd.DataFrame, n: int, rows: list[int], res: dict) -> list[int]:
+        """The hard ``rows`` of a batch of ``n`` the budget is spent on: all of them while it lasts for every hard
+        row expected; else those whose vote is least confident (stream-based selective sampling: a row is asked
+        when its doubt, 1 - vote confidence, is above the quantile of the hard rows this actor has seen that the
+        budget left covers). The others are unresolved and retryable."""
+        outlook = self._spend("outlook", n, len(rows))
+        if outlook is None or not rows:
             return rows
         conf = batch["vote_confidence"] if "vote_confidence" in batch.columns else pd.Series(np.nan, batch.index)
         doubt = [1.0 - float(c) if pd.notna(c) else 1.0 for c in conf.iloc[rows]]
-        self.doubts.extend(doubt)
-        self.hard_seen += len(rows)
-        left = self.s.max_calls - self.calls - self.reserved
-        future = max(0, self.s.rows_expected - self.rows_seen) * self.hard_seen / max(1, self.rows_seen)
-        # calls a row costs so far (cache hits cost none: while every answer came from the cache, rows are free)
-        demand = (len(rows) + future) * (self.calls / self.asked if self.asked else 1.0)
-        if demand <= left or left <= 0:  # enough for all; or none left, which _ask says
-            return rows
-        share = left / demand
-        cut = float(np.quantile(self.doubts, 1.0 - share))
+        with self._lock:
+            self.doubts.extend(doubt)
+            left, demand = outlook
+            if demand <= left or left <= 0:  # enough for all; or none left, which _ask says
+                return rows
+            share = left / demand
+            cut = float(np.quantile(self.doubts, 1.0 - share))
         keep = [i for i, d in zip(rows, doubt) if d >= cut]
         for i, d in zip(rows, doubt):
             if d < cut:
@@ -297,10 +280,7 @@ class ControllerStage:
 
     def _ask(self, batch: pd.DataFrame, rows: list[int], res: dict) -> None:
         """Ask the controller about ``rows``, all of them at once on its bounded pool: a slow or failing row
-        holds one thread, not the rows behind it. The budgets are checked as each row starts: a row reserves a
-        call until its answer is in, so ``max_calls`` is overshot by at most the retries in flight; tokens and
-        cost count a row in flight at the mean of the rows answered, so before the first answer every row
-        started (up to 4 x concurrency per batch in flight) passes unchecked."""
+        holds one thread, not the rows behind it. The budget is checked as each row starts (``Budget.admit``)."""
         texts = [batch.at[i, "text"] for i in rows]
         embedded = [batch.at[i, "embedding"] for i in rows] if "embedding" in batch.columns else None
         demos = self.demonstrations(texts, embedded)
@@ -309,21 +289,15 @@ class ControllerStage:
         started: set[int] = set()
 
         def admit(j: int) -> str | None:
-            with self._lock:
-                stop = self._budget_left()
-                if stop is None:
-                    self.reserved += 1
-                    started.add(j)
-                return stop
+            stop = self._spend("admit")
+            if stop is None:
+                started.add(j)
+            return stop
 
         def done(j: int, answer) -> None:
+            self._spend("settle", j in started, answer.calls, answer.prompt_tokens, answer.completion_tokens,
+                        wait=False)
             with self._lock:
-                if j in started:
-                    self.reserved -= 1
-                    self.asked += 1
-                self.calls += answer.calls
-                self.prompt_tokens += answer.prompt_tokens
-                self.completion_tokens += answer.completion_tokens
                 self._check_endpoint_alive(answer)
 
         answers = self.controller.label_many(texts, demonstrations=demos, choices=choices, admit=admit, on_done=done)

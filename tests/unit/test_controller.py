@@ -518,6 +518,7 @@ def test_a_budget_too_small_for_every_hard_row_goes_to_the_least_confident(tmp_p
     with budget enough for all of them it asks every one, in the order they come."""
     import pandas as pd
 
+    from labelwright.orchestrator.budget import Budget
     from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
 
     def batch(confidences):
@@ -532,7 +533,7 @@ def test_a_budget_too_small_for_every_hard_row_goes_to_the_least_confident(tmp_p
             controller={"base_url": fake.base_url, "model": "fake-model", "cache": False, "backoff_s": 0.001,
                         "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
             labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
-            max_calls=max_calls, rows_expected=rows_expected))
+            budget=Budget(max_calls=max_calls, rows_expected=rows_expected)))
 
     first, second = [0.9, 0.4, 0.8, 0.35, 0.7], [0.3, 0.95, 0.45, 0.85, 0.6]
     with FakeOpenAI(constant("negative")) as fake:
@@ -561,6 +562,7 @@ def test_batches_side_by_side_share_one_budget_and_never_overshoot_it(tmp_path):
 
     import pandas as pd
 
+    from labelwright.orchestrator.budget import Budget
     from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
 
     def batch(k):
@@ -573,15 +575,31 @@ def test_batches_side_by_side_share_one_budget_and_never_overshoot_it(tmp_path):
             controller={"base_url": fake.base_url, "model": "fake-model", "cache": False, "concurrency": 3,
                         "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
             labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
-            max_calls=10))
+            budget=Budget(max_calls=10)))
         with ThreadPoolExecutor(max_workers=4) as pool:
             out = pd.concat(list(pool.map(stage, [batch(k) for k in range(4)])), ignore_index=True)
         stage.controller.close()
         assert fake.chat_calls == 10 and fake.max_in_flight <= 3
     assert len(out) == 32 and out["id"].is_unique
-    assert (out["decided_by"] == "controller").sum() == 10 and stage.calls == 10 and stage.reserved == 0
+    assert (out["decided_by"] == "controller").sum() == 10 and stage.budget.calls == 10 and stage.budget.reserved == 0
     spent = out[out["decided_by"] != "controller"]
     assert spent["retryable"].all() and (spent["reason"] == "LLM budget exhausted (budget.max_llm_calls)").all()
+
+    # Two controller actors draw on one ledger (a Ray actor in a job: budget.shared_budget): the one that gets
+    # the hard rows may spend all of it, not half while the other's half lies idle.
+    shared = Budget(max_calls=10)
+    with FakeOpenAI(constant("negative")) as fake:
+        stages = [ControllerStage(ControllerSettings(
+            controller={"base_url": fake.base_url, "model": "fake-model", "cache": False,
+                        "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
+            labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
+            budget=shared)) for _ in range(2)]
+        easy = batch(9).assign(hard=False)
+        asked = pd.concat([stages[k % 2](batch(k) if k % 2 == 0 else easy) for k in range(4)], ignore_index=True)
+        for s in stages:
+            s.controller.close()
+        assert fake.chat_calls == 10
+    assert (asked["decided_by"] == "controller").sum() == 10 and shared.calls == 10 and shared.reserved == 0
 
 
 def test_a_budget_in_dollars_stops_the_rows_once_spent(tmp_path):
@@ -591,6 +609,7 @@ def test_a_budget_in_dollars_stops_the_rows_once_spent(tmp_path):
     import pandas as pd
 
     from labelwright.orchestrator.cost import token_cost
+    from labelwright.orchestrator.budget import Budget
     from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
 
     n = 12
@@ -603,7 +622,7 @@ def test_a_budget_in_dollars_stops_the_rows_once_spent(tmp_path):
                         "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite"),
                         "price_prompt_per_1k": 1.0, "price_completion_per_1k": 2.0},
             labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
-            max_cost_usd=0.5))
+            budget=Budget(max_cost_usd=0.5, price_prompt_per_1k=1.0, price_completion_per_1k=2.0)))
         out = stage(batch)
         stage.controller.close()
     asked = out[out["decided_by"] == "controller"]
@@ -619,14 +638,14 @@ def test_rows_answered_from_the_cache_cost_the_budget_nothing(tmp_path):
     (it used to divide by the calls per row, zero)."""
     import pandas as pd
 
+    from labelwright.orchestrator.budget import Budget
     from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
 
     stage = ControllerStage(ControllerSettings(
         controller={"base_url": "http://127.0.0.1:9/v1", "model": "fake-model", "cache": False,
                     "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
         labels=LABELS, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None,
-        max_calls=4, rows_expected=100))
-    stage.asked, stage.rows_seen = 5, 10
+        budget=Budget(max_calls=4, rows_expected=100, asked=5, rows_seen=7)))
     batch = pd.DataFrame({"vote_confidence": [0.9, 0.5, 0.7]})
-    assert stage._worth_asking(batch, [0, 1, 2], {}) == [0, 1, 2]
+    assert stage._worth_asking(batch, 3, [0, 1, 2], {}) == [0, 1, 2]
     stage.controller.close()
