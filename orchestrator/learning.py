@@ -252,6 +252,7 @@ class StagedLearning:
         record["versions"] = versions_of(record["checkpoints"])
         self._publish_threshold(record)  # before the swap: the first batch the new versions vote needs it
         t = time.monotonic()
+        self.log(f"stage {stage}: checked; " + (f"swapping in {', '.join(changed)}" if changed else "nothing to swap in"))
         if changed:
             self.swap_fn(changed)
         record.update(swap_s=round(time.monotonic() - t, 2), wall_s=round(time.monotonic() - started, 2),

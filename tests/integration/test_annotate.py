@@ -4,6 +4,7 @@ Serve, Ray Data stages, and a deterministic fake OpenAI-compatible controller ov
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from labelwright.orchestrator.spec import load_task
 from tests.conftest import movie_slice
 from tests.unit.test_report_html import page_of
 from tests.fake_openai import (FakeOpenAI, HTTPError, candidate_oracle, demonstrations, garbage, http_error,
-                               last_fenced_text, oracle, script)
+                               last_fenced_text, oracle, script, slow)
 
 FAST = [{"name": "tfidf", "kind": "tfidf_linear"}, {"name": "probe", "kind": "embedding_linear"}]
 
@@ -158,6 +159,41 @@ def test_budget_caps_llm_calls(ray_cluster, movie, tmp_path):
     block = report["budget"]
     assert block["max_llm_calls"] == 30
     assert block["rows_past_budget"] + block["rows_kept_for_less_confident"] == len(budget_rows)
+
+
+def test_a_specialist_replica_killed_mid_run_loses_no_row_and_no_vote(ray_cluster, movie, tmp_path):
+    """Kill one of the TF-IDF specialist's Serve replicas once the job has written its first shard: the voting
+    actors ask a lost replica's batch again through the handle (Serve routes it to the replica it starts in the
+    old one's place), and the job ends with every row once, each voted by both specialists."""
+    import threading
+
+    import ray
+
+    from tests.conftest import wait_until
+
+    path, df = movie
+    out, parts = tmp_path / "o.parquet", tmp_path / "o.run" / "parts"
+    killed: list[float] = []
+
+    def kill_a_replica():
+        wait_until(lambda: any(parts.glob("part-*.parquet")), timeout_s=300)
+        replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::") and "#specialist-tfidf#" in a["name"]]
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"))
+        killed.append(time.time())
+
+    with FakeOpenAI(slow(0.3, oracle(dict(zip(df["text"], df["label"]))))) as server:
+        spec = spec_for(server, stages={"enabled": False}, controller={"concurrency": 2},
+                        runtime={"shard_rows": 20, "vote_batch_size": 10})
+        killer = threading.Thread(target=kill_a_replica, daemon=True)
+        killer.start()
+        annotate(path, spec=spec, output=out)
+        killer.join(timeout=60)
+    assert killed and max(p.stat().st_mtime for p in parts.glob("part-*.parquet")) > killed[0]  # mid-run
+    res = pd.read_parquet(out)
+    assert res["row"].tolist() == list(range(len(df)))
+    voted = res[~res["seed"]]
+    assert voted["vote_tfidf"].notna().all() and voted["vote_probe"].notna().all()
 
 
 def test_retry_unresolved_asks_again_only_the_rows_that_failed_for_a_transient_reason(ray_cluster, movie, tmp_path):

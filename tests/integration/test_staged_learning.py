@@ -97,10 +97,16 @@ def killed_at(marker: str, path: Path, task_file: Path, out: Path) -> list[str]:
     return log
 
 
+def finished_rows(run_dir: Path) -> set[int]:
+    """The rows in the parts a run has written so far."""
+    return {r for part in run_dir.glob("parts/part-*.parquet") for r in pd.read_parquet(part, columns=["row"])["row"]}
+
+
 def test_killed_while_seeding_then_the_same_command_buys_no_seed_answer_twice(ray_cluster, movie, tmp_path):
-    """SIGKILL the driver while the controller labels the seed, then run the same task again: every row once,
-    and no seed row asked twice but those in flight at the kill: sent, their answers not yet stored in the cache
-    (at most controller.concurrency in the slots, and those just answered)."""
+    """SIGKILL the driver while the controller labels the seed, then again while the specialists train on it,
+    then run the same task once more: every row once, and no seed row asked twice but those in flight at the
+    first kill: sent, their answers not yet stored in the cache (at most controller.concurrency in the slots,
+    and those just answered); the second kill buys nothing again."""
     path, df = movie
     truth = dict(zip(df["text"], df["label"]))
     out, run_dir = tmp_path / "out.parquet", tmp_path / "out.run"
@@ -117,10 +123,14 @@ def test_killed_while_seeding_then_the_same_command_buys_no_seed_answer_twice(ra
             bought = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
         in_flight = asked_before - bought  # sent, their answers never stored
         assert 10 <= bought < 40 and 0 <= in_flight <= 2 * 4
+        killed_at("training specialists (stage 0)", path, task_file, out)
+        assert (run_dir / "seed" / "seed.parquet").exists()
+        seed_asked = server.chat_calls
         report = annotate(path, spec=load_task(task_file), output=out)
         texts = [last_fenced_text(r) for r in server.requests]
-    # the report counts the attempt the kill stopped; it had labelled no row yet
-    assert report["attempts"] == {"attempts": 2, "interrupted": 1, "rows_revoted": 0}
+    assert seed_asked - asked_before <= 40 - bought  # the second attempt asked only the seed rows not yet bought
+    # the report counts the attempts the kills stopped; they had labelled no row yet
+    assert report["attempts"] == {"attempts": 3, "interrupted": 2, "rows_revoted": 0}
     res = pd.read_parquet(out)
     assert res["row"].tolist() == list(range(len(df)))
     seed = pd.read_parquet(run_dir / "seed" / "seed.parquet")
@@ -131,23 +141,36 @@ def test_killed_while_seeding_then_the_same_command_buys_no_seed_answer_twice(ra
 
 
 def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(ray_cluster, movie, tmp_path):
-    """1. SIGKILL the job's driver while stage 1 trains. 2. Run it again: stages are trained and swapped
+    """1. SIGKILL the job's driver while stage 1 trains, and again between its check and its swap. 2. Run it
+    again: stages are trained and swapped
     in while the job runs, rows record the versions that voted on them, the buffer holds each
     controller row once. 3. Lose the last shard's output and resume: nothing lost or doubled."""
     path, df = movie
     truth = dict(zip(df["text"], df["label"]))
     out, report_path = tmp_path / "out.parquet", tmp_path / "report.json"
     run_dir = tmp_path / "out.run"
-    with FakeOpenAI(oracle(truth)) as server:
+    answer, pace = oracle(truth), {"s": 0.0}
+
+    def responder(request):
+        stop = request.get("_fake_stop_event")
+        stop.wait(pace["s"]) if stop is not None else time.sleep(pace["s"])
+        return answer(request)
+
+    with FakeOpenAI(responder) as server:
         task_file = tmp_path / "task.json"
         task_file.write_text(json.dumps(task(server)))
         killed_at("stage 1: training", path, task_file, out)
+        finished_first = finished_rows(run_dir)
+        # and again, on the same command, once stage 1 is trained and checked and before it is swapped in. The
+        # batches an actor took before the stage closed the gate go on meanwhile (runtime.controller_batches): a
+        # slow controller keeps them from labelling every row left, so that the last attempt has stages to run.
+        pace["s"] = 1.5
+        killed_at("stage 1: checked", path, task_file, out)
+        pace["s"] = 0.0
         before = HardBuffer(run_dir / "buffer").frame()
         assert len(before) > 0 and before["row"].is_unique
         assert [r["stage"] for r in json.loads((run_dir / "stages.json").read_text())] == [0]
-        finished = set()
-        for part in run_dir.glob("parts/part-*.parquet"):
-            finished |= set(pd.read_parquet(part, columns=["row"])["row"])
+        finished = finished_rows(run_dir)
 
         report = annotate(path, spec=load_task(task_file, {"stages": {"recheck": True}}), output=out,
                           report_path=report_path)
@@ -155,8 +178,10 @@ def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(
         assert res["row"].tolist() == list(range(len(df)))
         # the report counts the killed attempt and the rows it had labelled but not written: voted again now
         tries = report["attempts"]
-        assert tries["attempts"] == 2 and tries["interrupted"] == 1
-        assert len(set(before["row"]) - finished) <= tries["rows_revoted"] <= len(df) - len(finished)
+        assert tries["attempts"] == 3 and tries["interrupted"] == 2
+        # (a row each killed attempt labelled and did not write is counted by each)
+        assert (len(set(before["row"]) - finished) <= tries["rows_revoted"]
+                <= 2 * len(df) - len(finished_first) - len(finished))
         stages = report["stages"]["stages"]
         assert len(stages) >= 2 and [s["stage"] for s in stages] == list(range(len(stages)))
         # later batches were voted by a later stage's specialists, wherever one was swapped in with half the rows
