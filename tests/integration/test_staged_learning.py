@@ -149,24 +149,18 @@ def test_killed_mid_stage_then_stages_swap_in_and_a_resume_keeps_every_row_once(
     truth = dict(zip(df["text"], df["label"]))
     out, report_path = tmp_path / "out.parquet", tmp_path / "report.json"
     run_dir = tmp_path / "out.run"
-    answer, pace = oracle(truth), {"s": 0.0}
-
-    def responder(request):
-        stop = request.get("_fake_stop_event")
-        stop.wait(pace["s"]) if stop is not None else time.sleep(pace["s"])
-        return answer(request)
-
-    with FakeOpenAI(responder) as server:
+    with FakeOpenAI(oracle(truth)) as server:
         task_file = tmp_path / "task.json"
-        task_file.write_text(json.dumps(task(server)))
+        spec = task(server)
+        # One small batch in the controller actor at a time: the batches an actor took before a stage closed the
+        # gate go on while it trains, and with several of 30 rows they labelled every row left before the second
+        # kill, leaving the last attempt no stage to run.
+        spec["runtime"].update(controller_batches=1, vote_batch_size=15)
+        task_file.write_text(json.dumps(spec))
         killed_at("stage 1: training", path, task_file, out)
         finished_first = finished_rows(run_dir)
-        # and again, on the same command, once stage 1 is trained and checked and before it is swapped in. The
-        # batches an actor took before the stage closed the gate go on meanwhile (runtime.controller_batches): a
-        # slow controller keeps them from labelling every row left, so that the last attempt has stages to run.
-        pace["s"] = 1.5
+        # and again, on the same command, once stage 1 is trained and checked and before it is swapped in
         killed_at("stage 1: checked", path, task_file, out)
-        pace["s"] = 0.0
         before = HardBuffer(run_dir / "buffer").frame()
         assert len(before) > 0 and before["row"].is_unique
         assert [r["stage"] for r in json.loads((run_dir / "stages.json").read_text())] == [0]
