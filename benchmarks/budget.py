@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATASETS, annotate_config, write_sample  # noqa: E402
+from benchmarks.common import DATASETS, annotate_config, gold_labels, write_sample  # noqa: E402
 from benchmarks.faults import faulty  # noqa: E402
 from tests.fake_openai import FakeOpenAI, oracle  # noqa: E402
 
@@ -58,13 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.out)
     sample, labels = write_sample(args.dataset, args.rows, work)
-    import pandas as pd
-
-    gold = {}
-    for split in ("train", "test"):
-        d = pd.read_csv(DATASETS / args.dataset / f"{split}.csv")
-        gold.update(zip(d["text"].astype(str), d["label"].astype(str)))
-    good = oracle(gold)
+    good = oracle(gold_labels(args.dataset))
     results = []
     for actors in (int(a) for a in args.actors.split(",")):
         results.append(run(f"fault-free-{actors}", good, sample, labels, args, work, actors))

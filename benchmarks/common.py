@@ -77,6 +77,15 @@ def base_task(dataset: str, labels: list[str], *, cache_path: str, args) -> dict
     return task
 
 
+def gold_labels(dataset: str) -> dict[str, str]:
+    """Every text of the dataset's train and test splits, with its gold label."""
+    gold = {}
+    for split in ("train", "test"):
+        d = pd.read_csv(DATASETS / dataset / f"{split}.csv")
+        gold.update(zip(d["text"].astype(str), d["label"].astype(str)))
+    return gold
+
+
 def config_dir(work: Path, name: str) -> Path:
     """Where a configuration's output, report and run directory go: ``work/<configuration>/``."""
     return work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
@@ -108,10 +117,7 @@ def noisy_responder(dataset: str, labels: list[str], accuracy: float, *, seed: i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.fake_openai import HTTPError, last_fenced_text
 
-    gold = {}
-    for split in ("train", "test"):
-        d = pd.read_csv(DATASETS / dataset / f"{split}.csv")
-        gold.update(zip(d["text"].astype(str), d["label"].astype(str)))
+    gold = gold_labels(dataset)
 
     def answer(text: str, offered: list[str]) -> str:
         h = hashlib.sha256(f"{seed}:{text}".encode()).digest()

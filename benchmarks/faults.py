@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATASETS, annotate_config, write_sample  # noqa: E402
+from benchmarks.common import DATASETS, annotate_config, gold_labels, write_sample  # noqa: E402
 from tests.fake_openai import FakeOpenAI, HTTPError, garbage, oracle, out_of_set, slow  # noqa: E402
 
 MIX = (("429", 0.15), ("500", 0.10), ("hang", 0.02), ("garbage", 0.05), ("out of set", 0.03))
@@ -84,13 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.out)
     sample, labels = write_sample(args.dataset, args.rows, work)
-    import pandas as pd
-
-    gold = {}
-    for split in ("train", "test"):
-        d = pd.read_csv(DATASETS / args.dataset / f"{split}.csv")
-        gold.update(zip(d["text"].astype(str), d["label"].astype(str)))
-    good = oracle(gold)
+    good = oracle(gold_labels(args.dataset))
     results = [run("fault-free", good, sample, labels, args, work)]
     print(json.dumps(results[-1]), flush=True)
     responder, counts = faulty(good, hang_s=max(30.0, 4 * args.timeout), retry_after=args.retry_after)
