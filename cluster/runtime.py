@@ -91,3 +91,13 @@ def actor_resources(*, num_cpus: float, num_gpus: float, gpu: bool) -> dict:
     if gpu:
         return {"num_cpus": min(num_cpus, 1.0), "num_gpus": num_gpus}
     return {"num_cpus": num_cpus}
+
+
+def beside_driver(cls, *args, **kwargs):
+    """An actor of ``cls`` (no CPU reserved) on the driver's node: a node that goes away mid-run takes it with it
+    only where it takes the driver, which ends the job anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(cls).remote(*args, **kwargs)

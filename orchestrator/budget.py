@@ -78,12 +78,10 @@ class Budget:
 
 
 def shared_budget(budget: Budget, actors: int):
-    """``budget`` as the controller actors use it: itself for one actor (or no limit), else a Ray actor on this
-    node (``num_cpus=0``) that they all ask."""
+    """``budget`` as the controller actors use it: itself for one actor (or no limit), else a Ray actor beside the
+    driver that they all ask."""
     if actors <= 1 or not budget.limited:
         return budget
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from labelwright.cluster.runtime import beside_driver
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(Budget).remote(**vars(budget))
+    return beside_driver(Budget, **vars(budget))

@@ -267,15 +267,9 @@ def _annotate(input_path: Path, *, spec: TaskSpec, output: Path, run_dir: Path, 
         timings["train"] += time.monotonic() - t
     gate = None
     if (spec.stages.enabled and spec.stages.wait) or _fits_threshold(spec, reference):
-        import ray
-
         from labelwright.orchestrator.learning import StageGate
 
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # Beside the driver: a node that goes away mid-run takes neither (the driver's node going ends the job anyway).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        gate = ray.remote(num_cpus=0, scheduling_strategy=here)(StageGate).remote()
+        gate = runtime.beside_driver(StageGate)
     learning = _staged_learning(spec, staged, seed, checkpoints, reference, run_dir=run_dir,
                                 train_s=timings["train"], gpu=gpu, swap=swap, gate=gate, log=log,
                                 crossfit=crossfit if crossfit[0] else None)
