@@ -19,25 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATASETS, annotate_config, gold_labels, write_sample  # noqa: E402
-from benchmarks.faults import faulty  # noqa: E402
-from tests.fake_openai import FakeOpenAI, oracle  # noqa: E402
+from benchmarks.common import gold_labels, write_sample  # noqa: E402
+from benchmarks.faults import faulty, label_against  # noqa: E402
+from tests.fake_openai import oracle  # noqa: E402
 
 
 def run(name: str, responder, sample: Path, labels: list[str], args, work: Path, actors: int) -> dict:
-    with FakeOpenAI(responder) as server:
-        task = {
-            "labels": labels,
-            "gold_column": "label",
-            "controller": {"base_url": server.base_url, "model": server.model, "cache": False,
-                           "timeout_s": args.timeout},
-            "seed": {"pool_file": str(DATASETS / args.dataset / "train.csv")},
-            "stages": {"enabled": False},
-            "budget": {"max_llm_calls": args.budget},
-            "runtime": {"controller_actors": actors},
-        }
-        report = annotate_config(name, task, sample, work)
-        requests = server.chat_calls
+    report, requests = label_against(responder, name, sample, labels, args, work, stages={"enabled": False},
+                                     budget={"max_llm_calls": args.budget}, runtime={"controller_actors": actors})
     block = report["budget"]
     return {"config": name, "controller_actors": actors, "rows": report["rows_in"], "budget": args.budget,
             "http_requests": requests, "overshoot": requests - args.budget, "calls": report["llm"]["calls"],

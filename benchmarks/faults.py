@@ -53,19 +53,23 @@ def faulty(good, *, hang_s: float, retry_after: float, seed: int = 0):
     return respond, counts
 
 
-def run(name: str, responder, sample: Path, labels: list[str], args, work: Path, counts=None) -> dict:
+def label_against(responder, name: str, sample: Path, labels: list[str], args, work: Path,
+                  **task) -> tuple[dict, int]:
+    """``sample`` labelled by the job (the gold column kept for the report, a seed drawn from the train split)
+    against a local OpenAI-compatible endpoint answering with ``responder``: the report and the HTTP requests the
+    endpoint received. ``task``: the task's other sections."""
     with FakeOpenAI(responder) as server:
-        task = {
-            "labels": labels,
-            "gold_column": "label",
-            "instruction": "Classify the sentiment of this movie review sentence.",
-            "controller": {"base_url": server.base_url, "model": server.model, "cache": False,
-                           "timeout_s": args.timeout},
-            "seed": {"pool_file": str(DATASETS / args.dataset / "train.csv")},
-            "stages": {"enabled": args.stages},
-        }
-        report = annotate_config(name, task, sample, work)
-        requests = server.chat_calls
+        spec = {"labels": labels, "gold_column": "label",
+                "controller": {"base_url": server.base_url, "model": server.model, "cache": False,
+                               "timeout_s": args.timeout},
+                "seed": {"pool_file": str(DATASETS / args.dataset / "train.csv")}, **task}
+        return annotate_config(name, spec, sample, work), server.chat_calls
+
+
+def run(name: str, responder, sample: Path, labels: list[str], args, work: Path, counts=None) -> dict:
+    report, requests = label_against(responder, name, sample, labels, args, work,
+                                     instruction="Classify the sentiment of this movie review sentence.",
+                                     stages={"enabled": args.stages})
     return {"config": name, "rows": report["rows_in"], "labelling_rows_per_s": report["labelling_rows_per_s"],
             "label_s": report["timings_s"]["label"], "http_requests": requests,
             "llm_share": round(report["llm_share"], 3), "unresolved": report["decided_by"].get("unresolved", 0),
