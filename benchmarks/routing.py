@@ -46,6 +46,11 @@ CONFIGS = {
     "routing + stacked, audit reference": {"voting": {"route": "measured", "rule": "stacked"},
                                            "stages": {"check_rows": 0}},
     "candidates mode, gold reference": {"voting": {"route": "measured"}, "controller": {"mode": "candidates"}},
+    "routing, gold reference, + qwen probe": {"voting": {"route": "measured"}, "specialists": [
+        {"name": "tfidf", "kind": "tfidf_linear"}, {"name": "minilm_probe", "kind": "embedding_linear"},
+        {"name": "minilm_ft", "kind": "transformer_classifier"},
+        {"name": "qwen_probe", "kind": "embedding_linear", "model": "qwen2.5-coder-0.5b-instruct", "torch_threads": 2,
+         "batch_size": 16}]},
 }
 
 

@@ -69,6 +69,24 @@ def predict_linear_head(features, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     return softmax_rows(logits).astype(np.float32)
 
 
+def standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(features - mean) / scale`` column by column, ``scale`` the column's standard deviation times sqrt(d) (so a
+    row's squared norm is about 1, as for the L2-normalised sentence embeddings the heads' L2 strengths were measured
+    on); returns the standardised features, ``mean`` and ``scale``. For features whose columns differ in size by
+    orders of magnitude (a causal LM's hidden states), where an L2 penalty would otherwise fall on the wrong ones."""
+    X = np.asarray(features, np.float64)
+    mean = X.mean(0)
+    scale = (X.std(0) + 1e-6) * np.sqrt(X.shape[1])
+    return ((X - mean) / scale).astype(np.float32), mean, scale
+
+
+def unstandardised(W: np.ndarray, b: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head fitted on ``standardise``d features, as one on the raw features: ``predict_linear_head`` then needs
+    no statistics besides ``W`` and ``b``."""
+    W2 = (np.asarray(W, np.float64) / scale[:, None])
+    return W2.astype(np.float32), (np.asarray(b, np.float64) - (mean / scale) @ np.asarray(W, np.float64)).astype(np.float32)
+
+
 # Weights tried for the rows that are always trained on (labels of unknown quality: the controller's) against
 # the cross-fitted rows (the trusted ones), largest first: a tie keeps more data.
 OTHER_ROW_WEIGHTS = (1.0, 0.5, 0.2, 0.0)

@@ -245,6 +245,67 @@ def test_encoder_embeddings_are_normalised():
     assert emb[0] @ emb[3] > emb[0] @ emb[2] - 0.2  # sanity, not a benchmark
 
 
+def save_tiny_causal_lm(directory, *, layers=6, seed=0):
+    """A Qwen2-style causal LM (random weights, ``layers`` layers) with the bundled MiniLM tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         architectures=["Qwen2ForCausalLM"])
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_a_causal_lm_embeds_the_state_at_the_prompts_end_whatever_the_padding(tmp_path):
+    """A causal LM's embedding is its state after 5/6 of its layers (the rest are not kept) at the last token of
+    the prompt: the same alone as in a padded batch; a text past max_length is cut, never the prompt's end."""
+    from labelwright.specialists.encoder import LM_PROMPT
+
+    enc = Encoder(save_tiny_causal_lm(tmp_path / "lm"), max_length=16, batch_size=3)
+    assert enc.causal and not enc.normalised and enc.layer == 5 and len(enc.model.layers) == 5
+    texts = ["a good film", "a much longer text about a very bad film indeed", "", "word " * 500]
+    together = enc.encode(texts)
+    alone = np.concatenate([enc.encode([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    assert together.shape == (4, 32) and np.isfinite(together).all()
+    ids = enc._batch(["word " * 500])["input_ids"][0].tolist()
+    end = enc.tokenizer(LM_PROMPT.format(text="word"), add_special_tokens=True)["input_ids"][-6:]
+    assert ids[-6:] == end  # the prompt's last tokens survive the cut
+    np.testing.assert_allclose(enc.encode(["word " * 500 + "bad"]), together[3:], atol=1e-5)  # cut past 16 tokens
+
+
+def test_a_head_fitted_on_standardised_features_predicts_from_the_raw_ones():
+    """A causal LM's states have a few huge columns: the head standardises them, so the small informative column
+    is learned (normalised as a sentence encoder's rows, the huge column drowns it), and the checkpoint stays W, b."""
+    from labelwright.specialists.embedding_linear import EmbeddingLinearSpecialist
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    X = np.column_stack([rng.normal(300, 50, 200), rng.normal(0, 1, (200, 6)), 0.05 * (2 * y - 1)
+                         + rng.normal(0, 0.01, 200)]).astype(np.float32)
+
+    class StateEncoder:
+        normalised = False
+
+        def encode(self, texts):
+            return X[[int(t) for t in texts]]
+
+    spec = EmbeddingLinearSpecialist(SpecialistConfig(name="lm", kind="embedding_linear"), LABELS,
+                                     encoder=StateEncoder())
+    texts = [str(i) for i in range(200)]
+    spec.fit(texts[:120], [LABELS[v] for v in y[:120]])
+    assert accuracy(spec.predict_proba(texts[120:]), np.asarray(LABELS)[y[120:]]) > 0.95
+    assert spec.W.shape == (8, 2) and spec.l2 == 1e-4
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)  # as a sentence encoder's are, without standardising
+    raw = predict_linear_head(unit[120:], *fit_linear_head(unit[:120], y[:120], 2, l2=1e-3))
+    assert accuracy(raw, np.asarray(LABELS)[y[120:]]) < 0.75  # what standardising buys
+    oof = spec.cross_fit(texts[:120], [LABELS[v] for v in y[:120]], folds=np.arange(120) % 4)
+    assert accuracy(oof, np.asarray(LABELS)[y[:120]]) > 0.95
+
+
 # ---- transformer_classifier (tiny model built here) ------------------------------------------------
 def test_transformer_classifier_round_trip_and_version(tmp_path):
     model_dir = save_tiny_bert(tmp_path / "tiny")
