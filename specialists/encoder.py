@@ -150,7 +150,7 @@ class Encoder:
 
     def __init__(self, model: str = "minilm", *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
                  device=None):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         self.model_ref = model
         self.max_length = max_length
@@ -159,7 +159,9 @@ class Encoder:
         source = _source(model)
         self.tokenizer = load_pretrained(AutoTokenizer, source)
         self.causal = is_causal_lm(load_pretrained(AutoConfig, source))
-        self.model = load_pretrained(AutoModel, source)
+        # a causal LM's checkpoint holds its head too: loaded whole and the head let go, so nothing is "unexpected"
+        self.model = (load_pretrained(AutoModelForCausalLM, source).base_model if self.causal
+                      else load_pretrained(AutoModel, source))
         if self.causal:
             self.layer = max(1, round(LM_LAYER_SHARE * self.model.config.num_hidden_layers))
             _keep_layers(self.model, self.layer)
