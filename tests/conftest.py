@@ -35,6 +35,25 @@ def wait_until(condition, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def kill_a_replica_after_first_part(parts: Path, marker: str) -> tuple[threading.Thread, list[float]]:
+    """Start a thread that waits for a job's first finished shard in ``parts`` and then kills one Serve replica
+    whose actor name holds ``marker``; returns the thread and the list it appends the kill's time to."""
+    import ray
+
+    killed: list[float] = []
+
+    def kill():
+        wait_until(lambda: any(parts.glob("part-*.parquet")), timeout_s=600)
+        replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::") and marker in a["name"]]
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"))
+        killed.append(time.time())
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed
+
+
 def swap_under_load(handle, texts, swap, *, callers: int = 4):
     """Keep ``callers`` threads calling ``handle.predict`` on ``texts`` while ``swap()`` redeploys the
     specialist, until 4 calls have answered after it. Returns (seen, errors, swapped): each answer's

@@ -165,28 +165,14 @@ def test_a_specialist_replica_killed_mid_run_loses_no_row_and_no_vote(ray_cluste
     """Kill one of the TF-IDF specialist's Serve replicas once the job has written its first shard: the voting
     actors ask a lost replica's batch again through the handle (Serve routes it to the replica it starts in the
     old one's place), and the job ends with every row once, each voted by both specialists."""
-    import threading
-
-    import ray
-
-    from tests.conftest import wait_until
+    from tests.conftest import kill_a_replica_after_first_part
 
     path, df = movie
     out, parts = tmp_path / "o.parquet", tmp_path / "o.run" / "parts"
-    killed: list[float] = []
-
-    def kill_a_replica():
-        wait_until(lambda: any(parts.glob("part-*.parquet")), timeout_s=300)
-        replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                    if a["name"].startswith("SERVE_REPLICA::") and "#specialist-tfidf#" in a["name"]]
-        ray.kill(ray.get_actor(replicas[0], namespace="serve"))
-        killed.append(time.time())
-
     with FakeOpenAI(slow(0.3, oracle(dict(zip(df["text"], df["label"]))))) as server:
         spec = spec_for(server, stages={"enabled": False}, controller={"concurrency": 2},
                         runtime={"shard_rows": 20, "vote_batch_size": 10})
-        killer = threading.Thread(target=kill_a_replica, daemon=True)
-        killer.start()
+        killer, killed = kill_a_replica_after_first_part(parts, "#specialist-tfidf#")
         annotate(path, spec=spec, output=out)
         killer.join(timeout=60)
     assert killed and max(p.stat().st_mtime for p in parts.glob("part-*.parquet")) > killed[0]  # mid-run
