@@ -236,24 +236,16 @@ def run_active(X: np.ndarray, labels: Sequence[str], *, ask: Ask, max_calls: int
 def shortlist(probs: np.ndarray | None, similarity: np.ndarray | None, labels: Sequence[str], k: int) -> list[list[str]]:
     """The ``k`` labels offered per row when there are more: the task model's top half (``probs``), then the labels
     whose embedded verbalisation is nearest the row (``similarity``) until there are ``k``; either alone when the
-    other is None. Measured on banking77 (77 intents, k = 12; ``python benchmarks/active.py --noise-check
-    --datasets banking77 --budgets 0.025,0.05,0.1,0.2``: 50 / 100 / 200 / 400 random rows of 2,000 bought, 15% of
-    their labels wrong): label similarity holds the true label for 92% of the other rows; the model's top 12
-    for 42 / 67 / 85 / 95%; the two halves together for 92 / 95 / 96 / 97%. An endpoint answers only labels it
-    is offered, so a row whose shortlist misses is wrong."""
-    from labelwright.orchestrator.voting import top_candidates
+    other is None (``voting.merged_shortlist``). Measured on banking77 (77 intents, k = 12; ``python
+    benchmarks/active.py --noise-check --datasets banking77 --budgets 0.025,0.05,0.1,0.2``: 50 / 100 / 200 / 400
+    random rows of 2,000 bought, 15% of their labels wrong): label similarity holds the true label for 92% of the
+    other rows; the model's top 12 for 42 / 67 / 85 / 95%; the two halves together for 92 / 95 / 96 / 97%."""
+    from labelwright.orchestrator.voting import merged_shortlist, top_candidates
 
     labels = list(labels)
     model = top_candidates(probs, k) if probs is not None else None
     near = top_candidates(similarity, k) if similarity is not None else None
-    out = []
-    for i in range(len(probs) if probs is not None else len(similarity)):
-        if model is None or near is None:
-            row = (model if near is None else near)[i]
-        else:
-            row = list(dict.fromkeys([*model[i][:(k + 1) // 2], *near[i], *model[i]]))[:k]
-        out.append([labels[j] for j in row])
-    return out
+    return [[labels[j] for j in row] for row in merged_shortlist(model, near, k)]
 
 
 def controller_ask(controller, texts: Sequence[str], X: np.ndarray, state: ActiveState, labels: Sequence[str], *,

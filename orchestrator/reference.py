@@ -139,7 +139,8 @@ def _bank(settings, run_dir: Path) -> tuple:
 
 
 def _candidates(texts: list[str], checkpoints: dict[str, str], labels: list[str], k: int) -> list[list[str]]:
-    """The stage-0 specialists' top ``k`` labels per text: the choices a hard row's prompt offers."""
+    """The stage-0 specialists' top ``k`` labels per text, ranked: the half a hard row's prompt offers first
+    (``ControllerStage.choices``)."""
     from labelwright.specialists.registry import load_specialist
 
     probs = np.stack([np.asarray(load_specialist(p).predict_proba(texts), dtype=np.float64)
@@ -207,8 +208,8 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
         answers, step = [], 25
         for start in range(0, len(texts), step):
             part = texts[start:start + step]
-            answers += stage.controller.label_many(part, demonstrations=stage.demonstrations(part),
-                                                   choices=choices[start:start + step] if many else None)
+            offered = stage.choices(part, None, choices[start:start + step]) if many else None
+            answers += stage.controller.label_many(part, demonstrations=stage.demonstrations(part), choices=offered)
             log(f"  reference labels {len(answers)}/{len(texts)}")
         asked = picked.assign(id=picked["id"].astype(str), answer=[json.dumps(a.model_dump()) for a in answers])
         where.mkdir(parents=True, exist_ok=True)

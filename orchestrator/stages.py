@@ -21,7 +21,8 @@ from labelwright.cluster.deploy import predict_all
 from labelwright.orchestrator.acquisition import nearest
 from labelwright.orchestrator.budget import BUDGET_KEPT, BUDGET_SPENT, Budget
 from labelwright.orchestrator.voting import (
-    Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, top_candidates,
+    Stack, Votes, combine_logits, combined_label, controller_probs, gated, get_rule, mean_probs, merged_shortlist,
+    top_candidates,
 )
 
 
@@ -200,6 +201,7 @@ class ControllerStage:
         # then holds up no other. The budget (when it lives here) and the counters above are shared between them.
         self._lock = threading.RLock()
         self._encoding = threading.Lock()  # one encoder, one batch at a time: its tokenizer is not thread-safe
+        self._label_embeddings: np.ndarray | None = None  # the labels' verbalisations, encoded on first use
 
     def _spend(self, method: str, *args, wait: bool = True):
         """Call the budget's ``method``, here or on the budget's own actor (``wait=False``: without waiting for it;
@@ -285,7 +287,7 @@ class ControllerStage:
         embedded = [batch.at[i, "embedding"] for i in rows] if "embedding" in batch.columns else None
         demos = self.demonstrations(texts, embedded)
         many = len(self.s.labels) > self.config.max_choices
-        choices = [list(batch.at[i, "shortlist"]) for i in rows] if many else None
+        choices = self.choices(texts, embedded, [list(batch.at[i, "shortlist"]) for i in rows]) if many else None
         started: set[int] = set()
 
         def admit(j: int) -> str | None:
@@ -322,23 +324,45 @@ class ControllerStage:
         vote stage had them from a specialist (None where not): only the others are encoded here."""
         if not self.demonstrating:
             return None
-        # Anything but bytes (None; a null that came through Arrow some other way) is a row to encode here.
-        given = [e if isinstance(e, (bytes, bytearray)) else None for e in (embedded or [None] * len(texts))]
-        missing = [j for j, e in enumerate(given) if e is None]
-        q = np.zeros((len(texts), self.s.demo_embeddings.shape[1]), np.float32)
-        for j, e in enumerate(given):
-            if e is not None:
-                q[j] = np.frombuffer(e, dtype=np.float32)
-        if missing:
-            with self._encoding:
-                q[missing] = self.encoder.encode([texts[j] for j in missing])
-        idx = nearest(q, self.s.demo_embeddings, self.config.num_demonstrations, query_texts=list(texts),
-                      bank_texts=self.s.demo_texts)
+        idx = nearest(self._queries(texts, embedded), self.s.demo_embeddings, self.config.num_demonstrations,
+                      query_texts=list(texts), bank_texts=self.s.demo_texts)
         # most similar last: closest to the question in the prompt
         return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
 
+    def choices(self, texts: list[str], embedded: list | None, offered: list[list[str]] | None) -> list[list[str]]:
+        """The labels each text's prompt offers on a task with more than ``max_choices``: the specialists' top half
+        (``offered``, their ranking; None: none), then the labels whose verbalisation is nearest the text
+        (``voting.merged_shortlist``). The specialists' top labels alone miss the true label most where they know
+        least: the hard rows, before they have learned many labels."""
+        from labelwright.orchestrator.bootstrap import verbalise
+
+        if not texts:
+            return []
+        q = self._queries(texts, embedded)
+        with self._encoding:
+            if self._label_embeddings is None:
+                self._label_embeddings = self.encoder.encode(
+                    [verbalise(lab, self.s.descriptions.get(lab)) for lab in self.s.labels])
+        k, index = self.config.max_choices, {lab: j for j, lab in enumerate(self.s.labels)}
+        model = None if offered is None else [[index[lab] for lab in row] for row in offered]
+        near = top_candidates(q @ self._label_embeddings.T, k)
+        return [[self.s.labels[j] for j in row] for row in merged_shortlist(model, near, k)]
+
+    def _queries(self, texts: list[str], embedded: list | None) -> np.ndarray:
+        """The texts' embeddings by the demonstration encoder: those the vote stage handed over (float32 bytes), the
+        others encoded here. Anything but bytes (None; a null that came through Arrow some other way) is encoded."""
+        given = [e if isinstance(e, (bytes, bytearray)) else None for e in (embedded or [None] * len(texts))]
+        missing = [j for j, e in enumerate(given) if e is None]
+        rows = [np.frombuffer(e, dtype=np.float32) if e is not None else None for e in given]
+        if missing:
+            with self._encoding:
+                encoded = self.encoder.encode([texts[j] for j in missing])
+            for j, vec in zip(missing, encoded):
+                rows[j] = vec
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+
     @property
-    def encoder(self):  # built on first use (under demonstrations' lock, when batches run side by side)
+    def encoder(self):  # built on first use (under the encoding lock, when batches run side by side)
         if self._encoder is None:
             from labelwright.specialists.encoder import Encoder
 

@@ -558,6 +558,24 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+def merged_shortlist(model, near, k: int) -> list[list[int]]:
+    """Per row, the ``k`` label indices offered when a task has more labels than that: the model's top half
+    (``model``: each row's indices ranked best first), then the labels nearest the text (``near``, ranked the same
+    way) until there are ``k``, then the rest of the model's; either alone when the other is None. Measured for
+    active mode (``orchestrator/active.py: shortlist``): on banking77 the true label is in the model's top 12 for
+    42-95% of rows (50-400 rows trained on), in the 12 nearest by label similarity for 92%, in the two halves
+    together for 92-97%. An endpoint answers only labels it is offered, so a row whose shortlist misses is wrong."""
+    rows = len(model) if model is not None else len(near)
+    out = []
+    for i in range(rows):
+        if model is None or near is None:
+            row = list((model if near is None else near)[i])
+        else:
+            row = list(dict.fromkeys([*model[i][:(k + 1) // 2], *near[i], *model[i]]))
+        out.append([int(j) for j in row[:k]])
+    return out
+
+
 def _combination(probs: np.ndarray, said: np.ndarray, check, asked: np.ndarray, gold: np.ndarray,
                  names: np.ndarray, *, hard: np.ndarray) -> tuple[Combination | None, np.ndarray]:
     """:func:`fit_combination` on the gold reference rows the controller answered and the routing leaves to it

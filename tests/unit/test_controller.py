@@ -512,6 +512,43 @@ def test_demonstrations_use_the_embeddings_the_vote_stage_brought(tmp_path, monk
     stage.controller.close()
 
 
+def test_a_many_label_hard_row_is_offered_the_specialists_top_half_and_the_labels_nearest_its_text(tmp_path):
+    """More labels than max_choices: a hard row's prompt offers the specialists' top half of their ranking, then the
+    labels whose verbalisation is nearest the text (the true label, where the specialists have not learned it), then
+    the rest of their ranking; the labels are encoded once, a text brought with its embedding is not encoded."""
+    import numpy as np
+
+    from labelwright.orchestrator.stages import ControllerSettings, ControllerStage
+    from labelwright.orchestrator.voting import merged_shortlist
+
+    assert merged_shortlist([[0, 1, 2, 3]], [[7, 1, 8, 9]], 4) == [[0, 1, 7, 8]]  # 1 twice counts once
+    assert merged_shortlist([[0, 1, 2]], None, 2) == [[0, 1]] and merged_shortlist(None, [[5, 4]], 2) == [[5, 4]]
+    labels = [f"intent {c}" for c in "abcdefghij"]
+    basis = np.eye(16, dtype=np.float32)
+
+    class Words:  # a text or label embeds as the unit vector of its last letter
+        calls: list = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return np.stack([basis[ord(t.strip()[-1]) - ord("a")] for t in texts])
+
+    settings = ControllerSettings(
+        controller={"base_url": "http://127.0.0.1:9/v1", "model": "fake-model", "cache": False, "max_choices": 4,
+                    "num_demonstrations": 0, "cache_path": str(tmp_path / "c.sqlite")},
+        labels=labels, descriptions={}, instruction="", demo_texts=[], demo_labels=[], demo_embeddings=None)
+    stage = ControllerStage(settings)
+    stage._encoder = encoder = Words()
+    offered = [["intent a", "intent b", "intent c", "intent d"], ["intent b", "intent a", "intent c", "intent d"]]
+    got = stage.choices(["about j", "about c"], [None, basis[2].tobytes()], offered)
+    assert got[0][:3] == ["intent a", "intent b", "intent j"] and len(got[0]) == 4
+    assert got[1][:3] == ["intent b", "intent a", "intent c"] and len(got[1]) == 4
+    assert encoder.calls == [["about j"], [f"intent {c}" for c in "abcdefghij"]]
+    assert stage.choices(["about e"], None, offered[:1])[0][:3] == ["intent a", "intent b", "intent e"]
+    assert len(encoder.calls) == 3  # the labels were not encoded again
+    stage.controller.close()
+
+
 def test_a_budget_too_small_for_every_hard_row_goes_to_the_least_confident(tmp_path):
     """With budget.max_llm_calls short of the hard rows expected, the controller stage asks the hard rows whose
     vote is least confident (stream-based selective sampling) and leaves the others unresolved and retryable;
