@@ -65,7 +65,7 @@ def test_the_embedded_llms_replica_killed_mid_run_loses_no_row(embedded_llm, dat
     its place (loading the cached weights): a request lost with the old one is tried again (Serve holds it until
     the new replica is up) or, its retries spent, leaves its row unresolved and retryable. The job ends with every
     row once, and the same command with ``retry_unresolved`` resolves what is left and changes no other row.
-    Last in the session on purpose: the embedded LLM is back (a new replica) when it ends."""
+    Last of the tests that use the session's embedded LLM, on purpose; it is back (a new replica) when it ends."""
     from ray import serve
 
     from labelwright.cluster.embedded_llm import APP_NAME
