@@ -208,8 +208,8 @@ def build_reference(staged, *, spec, gold_check: CheckSet, gold_ids: list[str], 
         answers, step = [], 25
         for start in range(0, len(texts), step):
             part = texts[start:start + step]
-            offered = stage.choices(part, None, choices[start:start + step]) if many else None
-            answers += stage.controller.label_many(part, demonstrations=stage.demonstrations(part), choices=offered)
+            demos, offered = stage.prompt_parts(part, choices[start:start + step] if many else None)
+            answers += stage.controller.label_many(part, demonstrations=demos, choices=offered)
             log(f"  reference labels {len(answers)}/{len(texts)}")
         asked = picked.assign(id=picked["id"].astype(str), answer=[json.dumps(a.model_dump()) for a in answers])
         where.mkdir(parents=True, exist_ok=True)

@@ -285,9 +285,7 @@ class ControllerStage:
         holds one thread, not the rows behind it. The budget is checked as each row starts (``Budget.admit``)."""
         texts = [batch.at[i, "text"] for i in rows]
         embedded = [batch.at[i, "embedding"] for i in rows] if "embedding" in batch.columns else None
-        demos = self.demonstrations(texts, embedded)
-        many = len(self.s.labels) > self.config.max_choices
-        choices = self.choices(texts, embedded, [list(batch.at[i, "shortlist"]) for i in rows]) if many else None
+        demos, choices = self.prompt_parts(texts, [list(batch.at[i, "shortlist"]) for i in rows], embedded)
         started: set[int] = set()
 
         def admit(j: int) -> str | None:
@@ -319,17 +317,30 @@ class ControllerStage:
                 "Finished shards are saved: fix the endpoint and run the same command again to resume"
             )
 
-    def demonstrations(self, texts: list[str], embedded: list | None = None) -> list[list[tuple[str, str]]] | None:
+    def prompt_parts(self, texts: list[str], offered: list[list[str]] | None, embedded: list | None = None):
+        """Each text's demonstrations and, on a task with more than ``max_choices`` labels, the labels its prompt
+        offers (``offered``: the specialists' ranking); the texts are embedded once for both."""
+        many = offered is not None and len(self.s.labels) > self.config.max_choices
+        queries = self._queries(texts, embedded) if texts and (many or self.demonstrating) else None
+        return (self.demonstrations(texts, queries=queries),
+                self.choices(texts, offered, queries=queries) if many else None)
+
+    def demonstrations(self, texts: list[str], embedded: list | None = None, *,
+                       queries: np.ndarray | None = None) -> list[list[tuple[str, str]]] | None:
         """The nearest demonstrations for each text; ``embedded``: the texts' embeddings (float32 bytes) where the
-        vote stage had them from a specialist (None where not): only the others are encoded here."""
+        vote stage had them from a specialist (None where not): only the others are encoded here. ``queries``: the
+        texts' embeddings already at hand (``_queries``)."""
         if not self.demonstrating:
             return None
-        idx = nearest(self._queries(texts, embedded), self.s.demo_embeddings, self.config.num_demonstrations,
+        if queries is None:
+            queries = self._queries(texts, embedded)
+        idx = nearest(queries, self.s.demo_embeddings, self.config.num_demonstrations,
                       query_texts=list(texts), bank_texts=self.s.demo_texts)
         # most similar last: closest to the question in the prompt
         return [[(self.s.demo_texts[j], self.s.demo_labels[j]) for j in row[::-1]] for row in idx]
 
-    def choices(self, texts: list[str], embedded: list | None, offered: list[list[str]] | None) -> list[list[str]]:
+    def choices(self, texts: list[str], offered: list[list[str]] | None, embedded: list | None = None, *,
+                queries: np.ndarray | None = None) -> list[list[str]]:
         """The labels each text's prompt offers on a task with more than ``max_choices``: the specialists' top half
         (``offered``, their ranking; None: none), then the labels whose verbalisation is nearest the text
         (``voting.merged_shortlist``). The specialists' top labels alone miss the true label most where they know
@@ -338,7 +349,7 @@ class ControllerStage:
 
         if not texts:
             return []
-        q = self._queries(texts, embedded)
+        q = self._queries(texts, embedded) if queries is None else queries
         with self._encoding:
             if self._label_embeddings is None:
                 self._label_embeddings = self.encoder.encode(

@@ -540,11 +540,11 @@ def test_a_many_label_hard_row_is_offered_the_specialists_top_half_and_the_label
     stage = ControllerStage(settings)
     stage._encoder = encoder = Words()
     offered = [["intent a", "intent b", "intent c", "intent d"], ["intent b", "intent a", "intent c", "intent d"]]
-    got = stage.choices(["about j", "about c"], [None, basis[2].tobytes()], offered)
+    got = stage.choices(["about j", "about c"], offered, [None, basis[2].tobytes()])
     assert got[0][:3] == ["intent a", "intent b", "intent j"] and len(got[0]) == 4
     assert got[1][:3] == ["intent b", "intent a", "intent c"] and len(got[1]) == 4
     assert encoder.calls == [["about j"], [f"intent {c}" for c in "abcdefghij"]]
-    assert stage.choices(["about e"], None, offered[:1])[0][:3] == ["intent a", "intent b", "intent e"]
+    assert stage.choices(["about e"], offered[:1])[0][:3] == ["intent a", "intent b", "intent e"]
     assert len(encoder.calls) == 3  # the labels were not encoded again
     stage.controller.close()
 
