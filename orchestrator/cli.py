@@ -423,7 +423,7 @@ def _plan_command(args) -> None:
     from labelwright.orchestrator.job import _log, start_controller
     from labelwright.orchestrator.plan import make_plan
     from labelwright.orchestrator.spec import load_task
-    from labelwright.specialists.encoder import Encoder
+    from labelwright.specialists.encoder import shared_encoder
     from labelwright.specialists.zoo import planning_zoo
 
     spec = load_task(args.task, _overrides(args))
@@ -441,7 +441,7 @@ def _plan_command(args) -> None:
         runtime.connect(spec.runtime.address, num_cpus=spec.runtime.num_cpus)
     _, controller = start_controller(spec)
     plan = make_plan(controller, zoo, labels=spec.label_names, descriptions=spec.descriptions,
-                     instruction=spec.instruction, cfg=spec.planning, samples=samples, encode=Encoder("minilm").encode,
+                     instruction=spec.instruction, cfg=spec.planning, samples=samples, encode=shared_encoder("minilm").encode,
                      log=_log)
     path = plan.save(args.output)
     print(f"plan ({plan.source}): {', '.join(s.zoo_id for s in plan.specialists)}; voting {plan.voting_rule}; "

@@ -85,6 +85,9 @@ def _prepare_run_dir(run_dir: Path, fingerprint: dict, fresh: bool) -> None:
 
 
 EMBEDDED_TIMEOUT_S = 600.0
+# Each of the driver's encoders remembers up to this much of what it embedded (``remember_embeddings``): the seed,
+# gold and reference rows are fitted, checked and routed on at every stage. 256 MB: 75k rows of a 0.5B LM's state.
+DRIVER_EMBEDDING_MEMO_BYTES = 256 << 20
 
 OUTPUT_FRONT = ["row", "id", "text", "label", "decided_by", "reason", "confidence", "specialists_label"]
 OUTPUT_BACK = ["stage", "recheck_label", "controller_label", "controller_answer", "controller_confidence", "candidates", "prompt_tokens",
@@ -153,11 +156,17 @@ def annotate(
     input_path, output = Path(input_path), Path(output)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output)
     _prepare_run_dir(run_dir, _task_fingerprint(spec, input_path, limit, plan_path), fresh)
+    from labelwright.specialists.encoder import remember_embeddings
+
     with captured(run_dir, enabled=quiet):
         _attempt_started(run_dir)
-        report = _annotate(input_path, spec=spec, output=output, run_dir=run_dir, report_path=report_path,
-                           output_format=output_format, limit=limit, plan_path=plan_path,
-                           retry_unresolved=retry_unresolved, log=log)
+        remember_embeddings(DRIVER_EMBEDDING_MEMO_BYTES)
+        try:
+            report = _annotate(input_path, spec=spec, output=output, run_dir=run_dir, report_path=report_path,
+                               output_format=output_format, limit=limit, plan_path=plan_path,
+                               retry_unresolved=retry_unresolved, log=log)
+        finally:
+            remember_embeddings(0)  # the job's rows are not kept in the caller's process once it ends
         _attempt_ended(run_dir)
         return report
 
@@ -168,7 +177,7 @@ def _annotate(input_path: Path, *, spec: TaskSpec, output: Path, run_dir: Path, 
 
     from labelwright.cluster import runtime
     from labelwright.cluster.deploy import delete_specialists, deploy_specialists
-    from labelwright.specialists.encoder import Encoder
+    from labelwright.specialists.encoder import shared_encoder
     from labelwright.training.stage import cross_fittable, train_stage
 
     t0 = time.monotonic()
@@ -206,7 +215,7 @@ def _annotate(input_path: Path, *, spec: TaskSpec, output: Path, run_dir: Path, 
                                output_format=output_format, report_path=report_path, gold_file_rows=gold_file_rows,
                                timings=timings, t0=t0, log=log)
 
-    encoder = Encoder("minilm")
+    encoder = shared_encoder("minilm")
     t = time.monotonic()
     planned = _plan(spec, staged, controller, encoder, plan_path=plan_path, run_dir=run_dir, log=log)
     timings["plan"] = time.monotonic() - t

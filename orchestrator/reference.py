@@ -114,13 +114,13 @@ def with_gold_demonstrations(settings, check: CheckSet):
     answers on these rows still measure it honestly. Unchanged without gold, demonstrations or the option."""
     import dataclasses
 
-    from labelwright.specialists.encoder import Encoder
+    from labelwright.specialists.encoder import shared_encoder
 
     cfg = settings.controller
     if not len(check) or check.source != "gold" or not cfg.get("gold_demonstrations", True) \
             or not cfg.get("num_demonstrations", 4):
         return settings
-    emb = np.asarray(Encoder(settings.encoder_model).encode(list(check.texts)), dtype=np.float32)
+    emb = np.asarray(shared_encoder(settings.encoder_model).encode(list(check.texts)), dtype=np.float32)
     have = settings.demo_embeddings is not None and len(settings.demo_texts) > 0
     return dataclasses.replace(
         settings, demo_texts=(list(settings.demo_texts) if have else []) + list(check.texts),

@@ -13,7 +13,7 @@ import numpy as np
 
 from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import Specialist, SpecialistConfig, digest, read_manifest
-from labelwright.specialists.encoder import Encoder, encoder_key
+from labelwright.specialists.encoder import Encoder, encoder_key, shared_encoder
 from labelwright.specialists.linear_head import (
     cross_fit_head, fit_linear_head, predict_linear_head, standardise, unstandardised,
 )
@@ -41,7 +41,8 @@ class EmbeddingLinearSpecialist(Specialist):
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder(self.config.model, max_length=self.config.max_length, batch_size=self.config.batch_size)
+            self._encoder = shared_encoder(self.config.model, max_length=self.config.max_length,
+                                           batch_size=self.config.batch_size)
         return self._encoder
 
     @property

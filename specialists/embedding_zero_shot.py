@@ -18,7 +18,7 @@ import numpy as np
 from labelwright.specialists.base import (
     Specialist, SpecialistConfig, digest, fill_template, read_manifest, softmax_rows, verbalise_labels,
 )
-from labelwright.specialists.encoder import Encoder
+from labelwright.specialists.encoder import Encoder, shared_encoder
 
 # Measured with MiniLM on the first 200 test rows of movie_sentiment (label names and "a negative/positive
 # review") and yahoo_topics (label names) against "{label}", "This is {label}." and "This example is
@@ -52,8 +52,8 @@ class EmbeddingZeroShotSpecialist(Specialist):
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder(self.config.model, max_length=self.config.max_length,
-                                    batch_size=self.config.batch_size)
+            self._encoder = shared_encoder(self.config.model, max_length=self.config.max_length,
+                                           batch_size=self.config.batch_size)
         return self._encoder
 
     @property

@@ -277,6 +277,38 @@ def test_a_causal_lm_embeds_the_state_at_the_prompts_end_whatever_the_padding(tm
     np.testing.assert_allclose(enc.encode(["word " * 500 + "bad"]), together[3:], atol=1e-5)  # cut past 16 tokens
 
 
+def test_a_shared_encoder_embeds_a_text_once_while_it_remembers_and_forgets_the_least_recent_first(tmp_path):
+    """One encoder per model and cut in a process; with ``remember_embeddings`` it embeds only texts it has not
+    seen (a text twice in one call once), gives the same vectors as embedding them afresh, keeps within its bytes
+    (least recently used out first), and forgets everything when switched off."""
+    from labelwright.specialists.encoder import remember_embeddings, shared_encoder
+
+    model = save_tiny_causal_lm(tmp_path / "lm")
+    enc = shared_encoder(model, max_length=16, batch_size=2)
+    assert shared_encoder(model, max_length=16) is enc and shared_encoder(model, max_length=8) is not enc
+    embedded: list[str] = []
+    plain = enc._encode
+    enc._encode = lambda texts: (embedded.extend(texts), plain(texts))[1]
+    texts = ["a good film", "a bad film", "a good film", "dull", ""]
+    try:
+        first = enc.encode(texts)
+        assert embedded == texts  # not remembering: every text, every time
+        remember_embeddings(3 * enc.dim * 4)  # room for three rows
+        embedded.clear()
+        np.testing.assert_allclose(enc.encode(texts), first, atol=1e-5)
+        assert sorted(embedded) == sorted(set(texts))  # each distinct text once
+        embedded.clear()
+        # kept: the last three used ("a good film" again after "a bad film"); then "a good film" is the least recent
+        again = enc.encode(["dull", "", "new"])
+        assert embedded == ["new"] and len(enc._memo) == 3
+        np.testing.assert_allclose(again[:2], first[[3, 4]], atol=1e-5)
+        enc.encode(["a good film"])
+        assert embedded == ["new", "a good film"]
+    finally:
+        remember_embeddings(0)
+    assert not enc._memo and enc.memo_bytes == 0
+
+
 def test_a_head_fitted_on_standardised_features_predicts_from_the_raw_ones():
     """A causal LM's states have a few huge columns: the head standardises them, so the small informative column
     is learned (normalised as a sentence encoder's rows, the huge column drowns it), and the checkpoint stays W, b."""
