@@ -32,6 +32,7 @@ from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.voting import check_judge
 from labelwright.specialists.base import read_manifest
 from labelwright.training.buffer import HardBuffer
+from labelwright.training.finetune import training_restarts
 from labelwright.training.stage import CheckSet, evaluate, run_stage
 
 RECORDS = "stages.json"
@@ -82,6 +83,7 @@ class StagedLearning:
             self.records.append({
                 "stage": 0, "new_rows": len(seed_texts), "replay_rows": 0, "upto_seq": -1,
                 "train_s": round(stage0_train_s, 2), "checkpoints": dict(stage0), "candidates": dict(stage0),
+                "train_restarts": {k: n for k, v in stage0.items() if (n := training_restarts(v))},
                 "rolled_back": [], "checked": len(check0) > 0,
                 "check": evaluate(stage0, check0, label_names=spec.label_names, judge=self.judge),
                 "versions": versions_of(stage0), "rows_seen_at_start": 0,
@@ -305,6 +307,7 @@ class StagedLearning:
                 "llm_tokens": int((part["prompt_tokens"] + part["completion_tokens"]).sum()),
                 "new_rows": rec.get("new_rows"), "replay_rows": rec.get("replay_rows"), "upto_seq": rec.get("upto_seq"),
                 "train_s": rec.get("train_s"), "train_s_by_specialist": rec.get("train_s_by_specialist"),
+                "train_restarts": rec.get("train_restarts") or {},
                 "swap_s": rec.get("swap_s"), "rows_seen_at_start": rec.get("rows_seen_at_start"),
                 "rows_seen_at_swap": rec.get("rows_seen_at_swap"),
                 "rolled_back": rec.get("rolled_back", []), "failed": rec.get("failed"),

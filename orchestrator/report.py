@@ -280,6 +280,10 @@ def summary(report: dict) -> str:
                 text += ", calibrated threshold " + ("none (all to the LLM)" if t is None else f"{t:.3f}")
             if r.get("train_s") is not None:
                 text += f", trained in {r['train_s']:.0f} s"
+            if r.get("train_restarts"):
+                from labelwright.orchestrator.report_html import restarted
+
+                text += ", Ray Train workers restarted: " + restarted(r["train_restarts"])
             if r.get("rolled_back"):
                 text += f", rolled back {', '.join(r['rolled_back'])}"
             if r.get("failed"):

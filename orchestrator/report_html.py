@@ -17,6 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+def restarted(restarts: dict[str, int]) -> str:
+    """A stage's Ray Train restarts ({specialist: times}) in words."""
+    return ", ".join(f"{name} {times}x" for name, times in restarts.items())
+
+
 # The confusion matrix shows at most this many labels (the most frequent in gold); the rest are pooled.
 CONFUSION_MAX_LABELS = 15
 OTHER = "(other labels)"
@@ -174,6 +179,8 @@ def _stages(report: dict) -> str:
             notes.append("rolled back " + ", ".join(map(str, r["rolled_back"])))
         if r.get("failed"):
             notes.append(f"FAILED: {r['failed']}")
+        if r.get("train_restarts"):
+            notes.append("Ray Train workers restarted: " + restarted(r["train_restarts"]))
         row = [r.get("stage"), r.get("rows"), _pct(r.get("hard_share")), r.get("llm_calls"), r.get("llm_tokens")]
         if gold:
             row += [_num(r.get("accuracy"), "{:.3f}"), _num(r.get("consensus_accuracy"), "{:.3f}")]

@@ -5,14 +5,21 @@ warm-up then linear decay, gradient clipping, optional per-row weights; no Ray).
 runs it data-parallel on a Ray Train ``TorchTrainer`` (each worker trains on its own shard, gradients averaged by DDP through
 ``ray.train.torch.prepare_model``), reports the loss each epoch and has rank 0 save a checkpoint
 that ``load_specialist`` opens.
+
+A worker lost mid-training (its process killed, its node gone) costs the training, not the stage: Ray Train
+starts the worker group again, up to ``WORKER_GROUP_RESTARTS`` times, and the loop runs again from its initial
+checkpoint (it reports one only at the end). How many times it started is kept beside the checkpoint
+(``training_restarts``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +29,17 @@ import torch
 from labelwright.specialists.errors import SpecialistError
 from labelwright.specialists.base import SpecialistConfig, clean_texts, encode_training_labels
 from labelwright.specialists.transformer_classifier import TransformerClassifierSpecialist, train_loop
+
+# How often Ray Train may start a training's worker group again after losing a worker (FailureConfig.max_failures).
+WORKER_GROUP_RESTARTS = 2
+TRAINING_FILE = "training.json"  # beside a checkpoint's files: how its training went (worker group restarts)
+
+
+def training_restarts(checkpoint: str | Path) -> int:
+    """How many times Ray Train started the worker group again while training ``checkpoint`` (0 if unknown)."""
+    path = Path(checkpoint) / TRAINING_FILE
+    return int(json.loads(path.read_text()).get("restarts", 0)) if path.is_file() else 0
+
 
 def _ray_train_func(loop_config: dict) -> None:
     """Per-worker entry point for ``TorchTrainer``."""
@@ -38,6 +56,9 @@ def worker_loop(loop_config: dict, **loop_kwargs) -> None:
     torch.set_num_threads(config.torch_threads)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    if rank == 0 and loop_config.get("starts_dir"):  # a mark per start of the worker group (restarts counted),
+        Path(loop_config["starts_dir"]).mkdir(parents=True, exist_ok=True)  # holding the process id
+        (Path(loop_config["starts_dir"]) / uuid.uuid4().hex).write_text(str(os.getpid()))
     spec = _initial_specialist(config, loop_config["label_names"], loop_config["init_checkpoint"], loop_config["seed"])
     epochs = spec.epochs
 
@@ -119,28 +140,30 @@ def run_trainer(train_func, config: SpecialistConfig, loop_config: dict, *, outp
                 num_workers: int, use_gpu: bool, init_checkpoint: str | None, what: str, prefix: str) -> str:
     """Run ``train_func`` on a ``TorchTrainer`` of ``num_workers`` and copy its final checkpoint to
     ``output_dir`` (whole, then renamed: a kill never leaves half a checkpoint); return that path."""
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
         raise SpecialistError(f"num_workers is {num_workers}; give at least 1")
     name = f"{prefix}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    starts = Path(storage_path).resolve() / f"{name}.starts"
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
-            **loop_config, "config": config.model_dump(mode="json"),
+            **loop_config, "config": config.model_dump(mode="json"), "starts_dir": str(starts),
             "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.num_cpus}),
-        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name),
+        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
+                             failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)),
     )
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
         raise SpecialistError(
-            f"{what} specialist {config.name!r} failed on Ray Train ({exc}); the run's logs are under "
-            f"{Path(storage_path) / name}"
+            f"{what} specialist {config.name!r} failed on Ray Train ({exc}), after {WORKER_GROUP_RESTARTS} "
+            f"restarts of its workers at most; the run's logs are under {Path(storage_path) / name}"
         ) from exc
     if result.checkpoint is None:
         raise SpecialistError(f"{what} specialist {config.name!r} finished without a checkpoint under {result.path}")
@@ -149,6 +172,9 @@ def run_trainer(train_func, config: SpecialistConfig, loop_config: dict, *, outp
     with result.checkpoint.as_directory() as ckpt:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(ckpt, tmp)
+    restarts = max(0, len(list(starts.glob("*"))) - 1) if starts.is_dir() else 0
+    (tmp / TRAINING_FILE).write_text(json.dumps({"restarts": restarts}))
+    shutil.rmtree(starts, ignore_errors=True)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

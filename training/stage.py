@@ -24,7 +24,7 @@ import pandas as pd
 
 from labelwright.specialists.base import SpecialistConfig, text_keys
 from labelwright.specialists.registry import build_specialist, specialist_class
-from labelwright.training.finetune import fine_tune_transformer
+from labelwright.training.finetune import fine_tune_transformer, training_restarts
 
 
 def checkpoint_dir(run_dir: str | Path, name: str, stage: int, tag: str = "") -> Path:
@@ -114,6 +114,9 @@ def train_stage(
             out[config.name] = str(path)
             if train_seconds is not None:
                 train_seconds[config.name] = time.monotonic() - t
+            if restarts := training_restarts(path):
+                log(f"  {config.name}: Ray Train lost a worker and started the worker group again "
+                    f"{restarts} time(s); trained to the end")
             continue
         specialist = build_specialist(config, label_names)
         if not specialist.trainable and init:
@@ -279,6 +282,8 @@ def run_stage(
         "upto_seq": upto_seq if upto_seq is not None else (int(buffer["seq"].max()) if len(buffer) else since_seq),
         "train_s": round(train_s, 2),
         "train_s_by_specialist": {k: round(v, 2) for k, v in seconds.items()},
+        # how often Ray Train started a specialist's workers again after losing one, where it did
+        "train_restarts": {k: n for k, v in candidates.items() if (n := training_restarts(v))},
         "candidates": candidates,
         "checkpoints": accepted,
         "rolled_back": rolled_back,

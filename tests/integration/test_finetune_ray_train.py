@@ -66,3 +66,50 @@ def test_a_later_stage_continues_on_two_train_workers(ray_cluster, tiny_bert, tm
     # 6 check rows are under min_check_rows: measured and reported, but no rollback decision
     assert not record["checked"] and record["rolled_back"] == []
     assert 0.0 <= record["check"]["specialists"]["tfm"] <= 1.0
+
+
+def test_a_train_worker_killed_mid_training_costs_a_restart_not_the_stage(ray_cluster, tiny_bert, tmp_path):
+    """SIGKILL the Ray Train worker while it trains a stage: Ray Train starts the worker group again, the
+    training runs to the end from the stage's starting checkpoint, and the stage's record counts the restart."""
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    import pandas as pd
+
+    from labelwright.training.finetune import training_restarts
+    from labelwright.training.stage import CheckSet, run_stage
+
+    config = SpecialistConfig(name="tfm", kind="transformer_classifier", model=tiny_bert, max_length=16,
+                              batch_size=4, epochs=20, lr=3e-3, num_cpus=1)
+    buffer = pd.DataFrame({"row": range(24), "id": [str(i) for i in range(24)], "text": TEXTS, "label": GOLD,
+                           "confidence": 0.9, "stage": 0, "seq": range(24), "holdout": False})
+    killed: list[int] = []
+
+    def kill_the_first_worker():
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline:
+            marks = list((tmp_path / "train").glob("*.starts/*"))
+            if marks and marks[0].read_text():
+                killed.append(int(marks[0].read_text()))
+                os.kill(killed[0], signal.SIGKILL)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_first_worker, daemon=True)
+    killer.start()
+    lines: list[str] = []
+    record = run_stage(
+        [config], stage=1, deployed={}, seed_texts=[], seed_labels=[], buffer=buffer, since_seq=-1,
+        replay_ratio=0.0, check=CheckSet(TEXTS[:6], GOLD[:6], "gold"), label_names=LABELS,
+        run_dir=tmp_path, min_check_rows=100, train_workers=1, log=lines.append,
+    )
+    killer.join(timeout=5)
+    assert killed, "the worker was never seen starting"
+    assert record["train_restarts"] == {"tfm": 1}, (record, lines)
+    assert training_restarts(record["checkpoints"]["tfm"]) == 1
+    assert any("started the worker group again 1 time(s)" in line for line in lines)
+    spec = load_specialist(record["checkpoints"]["tfm"])
+    assert (np.asarray(LABELS)[spec.predict_proba(TEXTS).argmax(1)] == np.asarray(GOLD)).mean() == 1.0
+    assert not list(Path(tmp_path / "train").glob("*.starts"))  # the marks are gone with the training

@@ -77,11 +77,14 @@ def test_summary_lists_each_stage_with_its_calibrated_threshold():
     stage = {"rows": 2, "hard_share": 0.5, "llm_calls": 1, "train_s": 3.0, "rolled_back": []}
     r["stages"] = {"buffer_rows": 1, "stages": [
         {**stage, "stage": 0, "check": {**check, "gate": {"threshold": None}}},
-        {**stage, "stage": 1, "check": {**check, "gate": {"threshold": 0.8123}}, "rolled_back": ["s1"]},
+        {**stage, "stage": 1, "check": {**check, "gate": {"threshold": 0.8123}}, "rolled_back": ["s1"],
+         "train_restarts": {"s1": 1}},
     ]}
     lines = summary(r).splitlines()
     assert "stage 0: voted 2 rows, LLM share 50%" in lines[-2] and "calibrated threshold none" in lines[-2]
+    assert "restarted" not in lines[-2]
     assert "calibrated threshold 0.812" in lines[-1] and "rolled back s1" in lines[-1]
+    assert "Ray Train workers restarted: s1 1x" in lines[-1]
 
 
 def test_the_report_counts_what_the_combination_overruled():
