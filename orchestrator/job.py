@@ -314,6 +314,7 @@ class _Planned:
         self.zoo = zoo
         self.run_dir = run_dir
         self.file = file
+        self.bought_here = file is None  # asked of the controller for this run directory (not a --plan file)
         update = {"specialists": plan.specialist_configs(zoo, spec.descriptions)}
         if "voting" not in spec.model_fields_set:  # the task's own voting settings win over the plan's weights
             update["voting"] = spec.voting.model_copy(update={"weights": None})
@@ -345,7 +346,8 @@ class _Planned:
     def record(self) -> dict:
         return {"source": self.plan.source, "file": str(self.file), "specialists": [s.zoo_id for s in self.plan.specialists],
                 "kept": [c.name for c in self.spec.specialists], "voting_rule": self.plan.voting_rule,
-                "notes": self.plan.notes, "check": self.plan.check, "llm": self.plan.usage}
+                "notes": self.plan.notes, "check": self.plan.check, "llm": self.plan.usage,
+                "llm_in_budget": self.bought_here}
 
 
 def _plan(spec: TaskSpec, staged: StagedInput, controller, encoder, *, plan_path, run_dir: Path, log) -> _Planned | None:
@@ -457,6 +459,8 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     done_shards = _finished(staged, parts_dir)
     todo = [s for s in staged.shards if s.index not in done_shards]
     asked_up_front = [seed.answers, reference.answers, reference.outside]
+    if plan and plan.get("llm_in_budget"):  # the plan's questions are paid from the budget too
+        asked_up_front.append({"plan": plan.get("llm") or {}})
     names = [s.name for s in spec.specialists]
 
     t = time.monotonic()
@@ -469,8 +473,12 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     learning.rows_seen = learning.rows_at_last_stage = done_rows
     n_ctrl = spec.runtime.controller_actors
 
+    spent_before: dict[str, int] = {}  # what the budget's ledger started from, for the report
+
     def label(ds, *, retry: bool = False):
         used_calls, prompt, completion = _usage_so_far(parts_dir, _finished(staged, parts_dir), asked_up_front)
+        spent_before.setdefault("llm_calls", used_calls)
+        spent_before.setdefault("llm_tokens", prompt + completion)
         budget = spec.budget
         seed_answers, reference_answers = seed.answers, reference.answers
         if retry:  # the failed answers bought up front: their spend is in the rows written the first time
@@ -556,7 +564,7 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
                "voting": spec.voting.model_dump(), "output": str(output), "run_dir": str(run_dir),
                "resumed_shards": len(done_shards), "attempts": _attempt_ended(run_dir),
                "stages": stages_report, "plan": plan,
-               "budget": _budget_block(df, spec),
+               "budget": {**_budget_block(df, spec), "spent_before_labelling": spent_before or None},
                **({"retried": retried} if retried is not None else {}),
                **({"reviews": reviews} if reviews is not None else {}), **extra},
     )

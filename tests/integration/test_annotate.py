@@ -493,11 +493,17 @@ def test_controller_plan_is_checked_on_the_seed_and_saved_next_to_the_output(ray
     with FakeOpenAI(responder) as server:
         data = spec_for(server).model_dump(exclude={"specialists", "voting"}, exclude_unset=True)
         data["planning"] = {"min_agreement": 0.99}  # no zero-shot scorer agrees with 99% of the seed
+        data["budget"] = {"max_llm_calls": 400}  # enough for the seed and reference rows uncut; the plan pays too
         spec = load_task(None, data)
         out = tmp_path / "out.parquet"
         report = annotate(path, spec=spec, output=out, report_path=tmp_path / "r.json", limit=60)
         plan = report["plan"]
         assert plan["source"] == "controller" and plan["voting_rule"] == "majority"
+        assert plan["llm"]["calls"] == 1 and plan["llm_in_budget"]
+        # the ledger the hard rows draw on started from the seed's, the reference rows' and the plan's calls
+        spent = report["budget"]["spent_before_labelling"]["llm_calls"]
+        assert spent == report["seed"]["llm_calls"] + report["reference"]["llm_calls"] + 1
+        assert server.chat_calls <= 400
         # with gold reference rows the rule is learned on them (voting.rule auto); the plan's is the fallback
         assert report["voting"]["rule"] == "stacked"
         assert plan["check"]["dropped"] == ["minilm-zeroshot"] and plan["kept"] == ["tfidf", "minilm-probe"]
