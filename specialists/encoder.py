@@ -179,10 +179,14 @@ class Encoder:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
-        self.normalised = not self.causal
         self.memo_bytes = 0  # remember up to this many bytes of embeddings (``remember_embeddings``); 0: none
         self._memo: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()  # one encode at a time: a fast tokenizer is not safe across threads
+
+    @property
+    def normalised(self) -> bool:
+        """Whether the rows are L2-normalised (a sentence encoder's); a causal LM's states are not."""
+        return not self.causal
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         texts = ["" if t is None else str(t)[: self.max_length * 16] for t in texts]
