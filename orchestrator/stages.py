@@ -314,7 +314,8 @@ class ControllerStage:
 
             raise ControllerError(
                 f"the controller endpoint failed on {self.down_streak} rows in a row ({answer.reason}); stopping. "
-                "Finished shards are saved: fix the endpoint and run the same command again to resume"
+                "Finished shards are saved: fix the endpoint and run the same command again to resume (add "
+                "--retry-unresolved to ask again the rows the outage left unresolved in shards that finished)"
             )
 
     def prompt_parts(self, texts: list[str], offered: list[list[str]] | None, embedded: list | None = None):
