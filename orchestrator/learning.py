@@ -32,7 +32,7 @@ from labelwright.orchestrator.spec import TaskSpec
 from labelwright.orchestrator.voting import check_judge
 from labelwright.specialists.base import read_manifest
 from labelwright.training.buffer import HardBuffer
-from labelwright.training.finetune import training_restarts
+from labelwright.training.finetune import restarts_by_specialist
 from labelwright.training.stage import CheckSet, evaluate, run_stage
 
 RECORDS = "stages.json"
@@ -83,7 +83,7 @@ class StagedLearning:
             self.records.append({
                 "stage": 0, "new_rows": len(seed_texts), "replay_rows": 0, "upto_seq": -1,
                 "train_s": round(stage0_train_s, 2), "checkpoints": dict(stage0), "candidates": dict(stage0),
-                "train_restarts": {k: n for k, v in stage0.items() if (n := training_restarts(v))},
+                "train_restarts": restarts_by_specialist(stage0),
                 "rolled_back": [], "checked": len(check0) > 0,
                 "check": evaluate(stage0, check0, label_names=spec.label_names, judge=self.judge),
                 "versions": versions_of(stage0), "rows_seen_at_start": 0,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+
 def restarted(restarts: dict[str, int]) -> str:
     """A stage's Ray Train restarts ({specialist: times}) in words."""
     return ", ".join(f"{name} {times}x" for name, times in restarts.items())

@@ -198,10 +198,12 @@ class Encoder:
     def _remembered(self, texts: list[str]) -> np.ndarray:
         """``_encode`` of the texts not in the memo (each distinct text once), the rest from it."""
         keys = [hashlib.sha1(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
-        new = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        new: dict[bytes, str] = {}
+        for k, t in zip(keys, texts):
+            if k not in self._memo:
+                new.setdefault(k, t)
         if new:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            for k, vec in zip(new, self._encode([texts[first[k]] for k in new])):
+            for k, vec in zip(new, self._encode(list(new.values()))):
                 self._memo[k] = vec
         out = np.stack([self._memo[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
         for k in keys:

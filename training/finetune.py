@@ -41,6 +41,11 @@ def training_restarts(checkpoint: str | Path) -> int:
     return int(json.loads(path.read_text()).get("restarts", 0)) if path.is_file() else 0
 
 
+def restarts_by_specialist(checkpoints: dict[str, str]) -> dict[str, int]:
+    """``training_restarts`` of each checkpoint ({specialist: directory}), where there were any."""
+    return {name: n for name, path in checkpoints.items() if (n := training_restarts(path))}
+
+
 def _ray_train_func(loop_config: dict) -> None:
     """Per-worker entry point for ``TorchTrainer``."""
     worker_loop(loop_config)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from labelwright.specialists.base import SpecialistConfig, text_keys
 from labelwright.specialists.registry import build_specialist, specialist_class
-from labelwright.training.finetune import fine_tune_transformer, training_restarts
+from labelwright.training.finetune import fine_tune_transformer, restarts_by_specialist, training_restarts
 
 
 def checkpoint_dir(run_dir: str | Path, name: str, stage: int, tag: str = "") -> Path:
@@ -283,7 +283,7 @@ def run_stage(
         "train_s": round(train_s, 2),
         "train_s_by_specialist": {k: round(v, 2) for k, v in seconds.items()},
         # how often Ray Train started a specialist's workers again after losing one, where it did
-        "train_restarts": {k: n for k, v in candidates.items() if (n := training_restarts(v))},
+        "train_restarts": restarts_by_specialist(candidates),
         "candidates": candidates,
         "checkpoints": accepted,
         "rolled_back": rolled_back,
