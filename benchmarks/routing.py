@@ -51,6 +51,10 @@ CONFIGS = {
         {"name": "minilm_ft", "kind": "transformer_classifier"},
         {"name": "qwen_probe", "kind": "embedding_linear", "model": "qwen2.5-coder-0.5b-instruct", "torch_threads": 2,
          "batch_size": 16}]},
+    "routing, gold reference, + smollm2 probe": {"voting": {"route": "measured"}, "specialists": [
+        {"name": "tfidf", "kind": "tfidf_linear"}, {"name": "minilm_probe", "kind": "embedding_linear"},
+        {"name": "minilm_ft", "kind": "transformer_classifier"},
+        {"name": "smollm2_probe", "kind": "embedding_linear", "model": "smollm2-135m-instruct", "batch_size": 32}]},
 }
 
 
