@@ -191,16 +191,16 @@ class ControllerStage:
                                      instruction=settings.instruction)
         self.demonstrating = (config.num_demonstrations > 0 and settings.demo_embeddings is not None
                               and len(settings.demo_texts) > 0)
-        self._encoder = None  # built on the first row that came without its embedding
         self.budget = settings.budget if settings.budget is not None else Budget()
         self.down_streak = 0  # consecutive rows lost to a failing endpoint
+        self._encoder = None  # an encoder given (tests); None: the process's shared one, loaded on first use
         # 1 - vote confidence of the latest hard rows (the budget's selection; a window, as a stage swap changes
         # the confidences' scale)
         self.doubts: deque[float] = deque(maxlen=DOUBT_WINDOW)
         # Ray Data may run several batches in this actor at once (runtime.controller_batches): one slow batch
         # then holds up no other. The budget (when it lives here) and the counters above are shared between them.
         self._lock = threading.RLock()
-        self._encoding = threading.Lock()  # one encoder, one batch at a time: its tokenizer is not thread-safe
+        self._encoding = threading.Lock()  # the label embeddings below are computed once, by one batch
         self._label_embeddings: np.ndarray | None = None  # the labels' verbalisations, encoded on first use
 
     def _spend(self, method: str, *args, wait: bool = True):
@@ -367,19 +367,17 @@ class ControllerStage:
         missing = [j for j, e in enumerate(given) if e is None]
         rows = [np.frombuffer(e, dtype=np.float32) if e is not None else None for e in given]
         if missing:
-            with self._encoding:
-                encoded = self.encoder.encode([texts[j] for j in missing])
+            encoded = self.encoder.encode([texts[j] for j in missing])  # the encoder locks its own encode
             for j, vec in zip(missing, encoded):
                 rows[j] = vec
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
 
     @property
-    def encoder(self):  # built on first use (under the encoding lock, when batches run side by side)
-        if self._encoder is None:
-            from labelwright.specialists.encoder import Encoder
+    def encoder(self):
+        """The process's shared encoder of the demonstrations' model (loaded once, whichever batch asks first)."""
+        from labelwright.specialists.encoder import shared_encoder
 
-            self._encoder = Encoder(self.s.encoder_model)
-        return self._encoder
+        return self._encoder if self._encoder is not None else shared_encoder(self.s.encoder_model)
 
     def _combine(self, batch: pd.DataFrame, i: int, res: dict) -> None:
         """Where the stage fitted a combination that pays (``voting.combine``), it decides the row from the

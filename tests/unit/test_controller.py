@@ -504,7 +504,9 @@ def test_demonstrations_use_the_embeddings_the_vote_stage_brought(tmp_path, monk
     own.controller.close()
     stage = ControllerStage(settings)
     brought = [e.tobytes() for e in encoder.encode(asked)]
-    assert stage.demonstrations(asked, brought) == expected and stage._encoder is None
+    loaded = []
+    monkeypatch.setattr("labelwright.specialists.encoder.shared_encoder", lambda *a, **k: loaded.append(a) or encoder)
+    assert stage.demonstrations(asked, brought) == expected and loaded == []
     encoded = []
     monkeypatch.setattr(encoder, "encode", lambda texts: encoded.append(list(texts)) or Encoder.encode(encoder, texts))
     stage._encoder = encoder
