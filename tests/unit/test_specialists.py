@@ -277,6 +277,18 @@ def test_a_causal_lm_embeds_the_state_at_the_prompts_end_whatever_the_padding(tm
     np.testing.assert_allclose(enc.encode(["word " * 500 + "bad"]), together[3:], atol=1e-5)  # cut past 16 tokens
 
 
+def test_smollm2_is_cut_at_its_measured_depth_and_other_lms_at_the_default():
+    """The bundled SmolLM2-135M keeps 18 of its 30 layers (the depth measured best for it); a model without a
+    measured depth keeps 5/6 (the tiny LM above: 5 of 6)."""
+    from labelwright.specialists.encoder import LM_LAYER_SHARES
+
+    enc = Encoder("smollm2-135m-instruct", batch_size=4)
+    assert LM_LAYER_SHARES["smollm2-135m-instruct"] == 3 / 5
+    assert enc.causal and enc.layer == 18 and len(enc.model.layers) == 18 and enc.dim == 576
+    vectors = enc.encode(["a wonderful film", "a dreadful film"])
+    assert vectors.shape == (2, 576) and np.isfinite(vectors).all() and not np.allclose(vectors[0], vectors[1])
+
+
 def test_a_shared_encoder_embeds_a_text_once_while_it_remembers_and_forgets_the_least_recent_first(tmp_path):
     """One encoder per model and cut in a process; with ``remember_embeddings`` it embeds only texts it has not
     seen (a text twice in one call once), gives the same vectors as embedding them afresh, keeps within its bytes
