@@ -458,9 +458,11 @@ def _label_and_report(spec, staged, endpoints, seed, controller_cfg, learning, r
     parts_dir.mkdir(exist_ok=True)
     done_shards = _finished(staged, parts_dir)
     todo = [s for s in staged.shards if s.index not in done_shards]
-    asked_up_front = [seed.answers, reference.answers, reference.outside]
-    if plan and plan.get("llm_in_budget"):  # the plan's questions are paid from the budget too
-        asked_up_front.append({"plan": plan.get("llm") or {}})
+    # what each question asked before labelling used (its calls and tokens): the seed's and the reference rows'
+    # answers, and the plan's questions where they are paid from the budget too
+    asked_up_front = [*seed.answers.values(), *reference.answers.values(), *reference.outside.values()]
+    if plan and plan.get("llm_in_budget"):
+        asked_up_front.append(plan.get("llm") or {})
     names = [s.name for s in spec.specialists]
 
     t = time.monotonic()
@@ -632,8 +634,9 @@ def _left(limit: int | float | None, used: int | float) -> int | float | None:
 
 
 def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -> tuple[int, int, int]:
-    """LLM calls, prompt and completion tokens spent so far: the finished shards' rows, and the answers asked
-    before labelling (the seed's, the reference rows'), each counted once."""
+    """LLM calls, prompt and completion tokens spent so far: the finished shards' rows (seed and reference rows
+    left out), and ``asked_up_front``, the usage (``calls``, ``prompt_tokens``, ``completion_tokens``) of each
+    question asked before labelling."""
     calls = prompt = completion = 0
     for idx in done:
         path = parts_dir / f"part-{idx:05d}.parquet"
@@ -643,11 +646,10 @@ def _usage_so_far(parts_dir: Path, done: set[int], asked_up_front: list[dict]) -
         calls += int(p["llm_calls"].sum())
         prompt += int(p["prompt_tokens"].sum())
         completion += int(p["completion_tokens"].sum())
-    for answers in asked_up_front:
-        for a in answers.values():
-            calls += int(a.get("calls") or 0)
-            prompt += int(a.get("prompt_tokens") or 0)
-            completion += int(a.get("completion_tokens") or 0)
+    for a in asked_up_front:
+        calls += int(a.get("calls") or 0)
+        prompt += int(a.get("prompt_tokens") or 0)
+        completion += int(a.get("completion_tokens") or 0)
     return calls, prompt, completion
 
 
