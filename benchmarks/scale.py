@@ -79,8 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="movie_sentiment")
     ap.add_argument("--sizes", default="2000,10000", help="input rows per job, comma-separated")
-    ap.add_argument("--specialists", choices=["default", "fast"], default="fast",
-                    help="fast: TF-IDF and the MiniLM probe; default: those and the fine-tuned MiniLM")
+    ap.add_argument("--specialists", choices=["default", "fast", "tfidf"], default="fast",
+                    help="fast: TF-IDF and the MiniLM probe; default: those and the fine-tuned MiniLM; tfidf: TF-IDF "
+                         "alone (the pipeline's own costs, for sizes where the MiniLM forward would take hours)")
     ap.add_argument("--plain-rows", type=int, default=2000, help="texts the plain forward is timed on")
     ap.add_argument("--vote-actors", type=int, default=None,
                     help="runtime.vote_actors (batches voted at once; default: the job's default)")
@@ -111,9 +112,9 @@ def main() -> None:
                 task["voting"] = {"route": "threshold", "reference_rows": 0}
                 if args.vote_actors:
                     task.setdefault("runtime", {})["vote_actors"] = args.vote_actors
-                if args.specialists == "fast":
-                    task["specialists"] = [{"name": "tfidf", "kind": "tfidf_linear"},
-                                           {"name": "minilm_probe", "kind": "embedding_linear"}]
+                if args.specialists != "default":
+                    task["specialists"] = [{"name": "tfidf", "kind": "tfidf_linear"}] + (
+                        [{"name": "minilm_probe", "kind": "embedding_linear"}] if args.specialists == "fast" else [])
                 out = work / f"run-{n}" / "labels.parquet"
                 with Memory() as mem:
                     report = annotate(sample, spec=load_task(None, task), output=out, fresh=True)
