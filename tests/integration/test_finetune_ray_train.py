@@ -95,6 +95,11 @@ def test_a_train_worker_killed_mid_training_costs_a_restart_not_the_stage(ray_cl
             while not killed and time.monotonic() < deadline:
                 marks = list((tmp_path / "train").glob("*.starts/*"))
                 if marks and marks[0].read_text():
+                    # Not at once: the mark is written as the training function starts, while Ray Train's controller
+                    # still waits for the worker to say it launched; a worker lost in that instant is a start-up
+                    # failure Ray Train does not retry (its ActorDiedError is no WorkerGroupStartupFailedError), which
+                    # failed this test in one CI-like run. A second later the worker is training.
+                    time.sleep(1.0)
                     killed.append(int(marks[0].read_text()))
                     os.kill(killed[0], signal.SIGKILL)
                 time.sleep(0.02)
