@@ -252,8 +252,7 @@ def make_plan(controller, zoo: Zoo, *, labels: Sequence[str], descriptions: dict
               samples: Sequence[str] = (), encode: Callable[[list[str]], np.ndarray] | None = None,
               log: Callable[[str], None] = print) -> Plan:
     """Ask the controller for a plan, repair it once, else fall back; the result always validates."""
-    entries = ranked_for_task(eligible_entries(zoo, cfg), labels=labels, descriptions=descriptions,
-                              instruction=instruction, encode=encode)
+    entries = eligible_entries(zoo, cfg)
     if len(entries) < cfg.min_specialists:
         raise ConfigError(
             f"only {len(entries)} zoo entries can be used here ({[e.id for e in entries]}), fewer than "
@@ -392,42 +391,23 @@ def auto_label_map(natives: Sequence[str], labels: Sequence[str], descriptions: 
     return out
 
 
-def similar_specific(entries: Sequence[ZooEntry], *, labels: Sequence[str], descriptions: dict[str, str],
-                     instruction: str, encode: Callable[[list[str]], np.ndarray] | None) -> list[tuple[ZooEntry, float]]:
-    """The task-specific entries (not ``any``) whose families and description are at least
-    ``FALLBACK_MIN_SIMILARITY`` similar to the task (its instruction and verbalised labels), most similar first."""
-    from labelwright.orchestrator.bootstrap import verbalise
-
-    specific = [e for e in entries if not e.generic]
-    if not specific or encode is None:
-        return []
-    task_text = instruction + " Labels: " + "; ".join(verbalise(t, descriptions.get(t)) for t in labels)
-    sims = encode([f"{', '.join(e.families)}: {e.description}" for e in specific]) @ encode([task_text])[0]
-    return [(specific[int(i)], float(sims[i])) for i in np.argsort(-sims, kind="stable")
-            if sims[i] >= FALLBACK_MIN_SIMILARITY]
-
-
-def ranked_for_task(entries: Sequence[ZooEntry], **task) -> list[ZooEntry]:
-    """The catalogue as the planner sees it: the task-specific entries similar to the task (most similar first),
-    then the generic ones, trained first, then the rest; catalogue order within each. A small planner picks
-    from the top of a list more than it reads it, and a long zoo puts the relevant entries far down."""
-    similar = [e for e, _ in similar_specific(entries, **task)]
-    generic = sorted((e for e in entries if e.generic), key=lambda e: not e.trainable)  # stable: catalogue order
-    return similar + generic + [e for e in entries if e not in similar and not e.generic]
-
-
 def fallback_plan(zoo: Zoo, *, labels: Sequence[str], descriptions: dict[str, str], instruction: str, cfg,
                   encode: Callable[[list[str]], np.ndarray] | None, notes: Sequence[str] = ()) -> Plan:
     """Deterministic: up to ``specialists - 2`` task-specific entries whose description is similar enough to
     the task (classifiers only where their labels map onto two or more task labels), then generic entries
     in catalogue order, trained ones first (they learn the task's own labels stage by stage)."""
+    from labelwright.orchestrator.bootstrap import verbalise
+
     labels = list(labels)
     entries = eligible_entries(zoo, cfg)
+    specific = [e for e in entries if not e.generic]
     chosen: list[PlannedSpecialist] = []
-    if cfg.specialists > 2:
-        for e, sim in similar_specific(entries, labels=labels, descriptions=descriptions, instruction=instruction,
-                                       encode=encode):
-            if len(chosen) >= cfg.specialists - 2:
+    if specific and encode is not None and cfg.specialists > 2:
+        task_text = instruction + " Labels: " + "; ".join(verbalise(t, descriptions.get(t)) for t in labels)
+        sims = encode([f"{', '.join(e.families)}: {e.description}" for e in specific]) @ encode([task_text])[0]
+        for i in np.argsort(-sims, kind="stable"):
+            e = specific[int(i)]
+            if sims[i] < FALLBACK_MIN_SIMILARITY or len(chosen) >= cfg.specialists - 2:
                 break
             label_map = None
             if e.kind == "classifier":
@@ -435,7 +415,7 @@ def fallback_plan(zoo: Zoo, *, labels: Sequence[str], descriptions: dict[str, st
                 if len(set(label_map.values())) < 2:
                     continue
             chosen.append(PlannedSpecialist(zoo_id=e.id, label_map=label_map,
-                                            reason=f"fallback: similarity {sim:.2f} to the task"))
+                                            reason=f"fallback: similarity {sims[i]:.2f} to the task"))
     generic = sorted((e for e in entries if e.generic), key=lambda e: not e.trainable)  # stable: catalogue order
     for e in generic:
         if len(chosen) >= cfg.specialists:

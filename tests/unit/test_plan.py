@@ -11,7 +11,7 @@ import pytest
 from labelwright.orchestrator.controller import Controller, ControllerConfig
 from labelwright.specialists.errors import ConfigError
 from labelwright.orchestrator.plan import (
-    Plan, PlannedSpecialist, auto_label_map, eligible_entries, fallback_plan, load_plan, make_plan, sample_check, validate_plan,
+    Plan, PlannedSpecialist, auto_label_map, fallback_plan, load_plan, make_plan, sample_check, validate_plan,
 )
 from labelwright.orchestrator.spec import PlanningConfig
 from labelwright.specialists.zoo import SHIPPED_ZOO, Zoo, ZooEntry, load_zoo
@@ -254,30 +254,6 @@ def test_an_endpoint_that_only_constrains_enums_is_asked_step_by_step():
     assert "local-sst2" not in enums[1]["zoo_id"]["enum"]  # a chosen entry is not offered again
     assert enums[-1]["task_label"]["enum"] == ["negative", "positive", "(none of them)"]
     assert validate_plan(plan, ZOO, labels=LABELS, cfg=CFG) == []
-
-
-def test_the_planner_sees_the_entries_similar_to_the_task_first_then_the_generic_trained_ones():
-    """The catalogue in the prompt and the ids in the schema are ranked for the task: a specific entry similar to
-    it first, then the generic entries (trained first), then specific entries that are not similar."""
-    from labelwright.orchestrator.plan import ranked_for_task
-
-    zoo = zoo_of({**OFFLINE[0], "id": "zs", "kind": "zero_shot", "method": "embedding", "head": None},
-                 *OFFLINE, {**HUB_SENTIMENT, "id": "local-topics", "model": str(SHIPPED_ZOO.parent),
-                            "families": ["topic"], "description": "news topics"},
-                 {**HUB_SENTIMENT, "id": "local-sst2", "model": str(SHIPPED_ZOO.parent)})
-    entries = eligible_entries(zoo, CFG)
-    task = dict(labels=LABELS, descriptions={}, instruction="Sentiment of a review.")
-    order = ["local-sst2", "ft", "probe", "tfidf", "zs", "local-topics"]
-    assert [e.id for e in ranked_for_task(entries, encode=fake_encode({"sentiment"}), **task)] == order
-    assert [e.id for e in ranked_for_task(entries, encode=None, **task)] == order[1:] + order[:1]  # nothing similar
-    with FakeOpenAI(lambda req: answer({"zoo_id": "ft"}, {"zoo_id": "probe"})) as fake:
-        make_plan(controller_for(fake), zoo, cfg=CFG, encode=fake_encode({"sentiment"}), log=lambda m: None, **task)
-        request = fake.requests[0]
-    ids = request["response_format"]["json_schema"]["schema"]["properties"]["specialists"]["items"]["properties"][
-        "zoo_id"]["enum"]
-    catalogue = request["messages"][1]["content"].split("Catalogue:")[1]
-    assert ids == order and [catalogue.index(f"- {i}:") for i in order] == sorted(catalogue.index(f"- {i}:")
-                                                                                   for i in order)
 
 
 def test_a_dead_endpoint_falls_back_without_a_repair_round():
